@@ -1,0 +1,483 @@
+"""The CoAtNet reference model (Dai et al. 2021) with lucid's module names and widths.
+
+The state_dict keys equal those of lucid's ``CoAtNet`` (and of chinhsuanwu/coatnet-pytorch),
+so their checkpoints load without renaming. The mathematics is the seed document's: scores
+divided by sqrt(d_head), a row-major relative index, exact GELU, max-pool padded with -inf and
+a head that averages the whole final map. lucid's own numerics are available through
+:class:`Numerics` for exact parity with lucid-trained networks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+DIM_HEAD = 32
+"""Width of one attention head; lucid sizes attention as 32 x num_heads in every block."""
+
+STAGE_STRIDES = (2, 4, 8, 16, 32)
+"""Downsampling factor of each stage S0..S4 relative to the input."""
+
+
+class ConfigError(ValueError):
+    """An invalid CoAtNet configuration."""
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """Numerical conventions of the model; the defaults are the seed document's mathematics.
+
+    lucid departs from them in three places; setting all three (``Numerics.lucid()``)
+    reproduces a lucid-trained network exactly.
+    """
+
+    gelu_tanh: bool = False
+    """GELU with the tanh approximation instead of the exact erf form."""
+    maxpool_zero_pad: bool = False
+    """Pad the 3x3/2 max-pool with zeros instead of -inf."""
+    scale_multiply: bool = False
+    """Multiply attention scores by sqrt(d_head) instead of dividing by it."""
+
+    @classmethod
+    def lucid(cls) -> Numerics:
+        """The conventions of lucid's CoAtNet code."""
+        return cls(gelu_tanh=True, maxpool_zero_pad=True, scale_multiply=True)
+
+    def as_dict(self) -> dict[str, bool]:
+        """Plain dictionary, for manifests and metadata."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Tandem:
+    """Stage S3 of coatnet_6/7: MBConv blocks, then Transformer blocks, all at 1/16."""
+
+    num_blocks: tuple[int, int]
+    channels: tuple[int, int]
+
+
+def _gelu(numerics: Numerics) -> nn.GELU:
+    return nn.GELU(approximate="tanh" if numerics.gelu_tanh else "none")
+
+
+class MaxPoolDown(nn.Module):
+    """3x3 max-pool with stride 2 and padding 1 (padding value -inf, or 0 in lucid mode)."""
+
+    def __init__(self, zero_pad: bool) -> None:
+        super().__init__()
+        self.zero_pad = zero_pad
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.zero_pad:
+            return F.max_pool2d(F.pad(x, (1, 1, 1, 1)), 3, 2)
+        return F.max_pool2d(x, 3, 2, 1)
+
+
+class PreNorm(nn.Module):
+    """``fn(norm(x))``; the names ``norm`` and ``fn`` are part of the checkpoint keys."""
+
+    def __init__(self, norm: nn.Module, fn: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+        self.fn = fn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fn(self.norm(x))
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation on the hidden width, squeezed to int(0.25 x block input)."""
+
+    def __init__(self, block_in: int, hidden: int, numerics: Numerics) -> None:
+        super().__init__()
+        squeezed = int(0.25 * block_in)
+        self.fc = nn.Sequential(
+            nn.Linear(hidden, squeezed, bias=False),
+            _gelu(numerics),
+            nn.Linear(squeezed, hidden, bias=False),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        weights = self.fc(x.mean(dim=(2, 3)))
+        return x * weights[:, :, None, None]
+
+
+class MBConv(nn.Module):
+    """Pre-norm inverted bottleneck with squeeze-excitation (block type ``C``)."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, downsample: bool, numerics: Numerics
+    ) -> None:
+        super().__init__()
+        hidden = 4 * in_channels
+        self.downsample = downsample
+        if downsample:
+            self.pool = MaxPoolDown(numerics.maxpool_zero_pad)
+            self.proj = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        elif in_channels != out_channels:
+            raise ConfigError("an MBConv block that keeps the resolution must keep the width")
+        body = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 1, stride=2 if downsample else 1, bias=False),
+            nn.BatchNorm2d(hidden),
+            _gelu(numerics),
+            nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            _gelu(numerics),
+            SqueezeExcite(in_channels, hidden, numerics),
+            nn.Conv2d(hidden, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
+        self.conv = PreNorm(nn.BatchNorm2d(in_channels), body)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = self.proj(self.pool(x)) if self.downsample else x
+        return shortcut + self.conv(x)
+
+
+def relative_index(height: int, width: int) -> Tensor:
+    """Row-major relative position index of shape (N, N), N = height x width.
+
+    Token t sits at (t // width, t % width). Entry (i, j) is the row of the relative bias table
+    that holds the offset (row_i - row_j, col_i - col_j), over a (2H-1) x (2W-1) grid.
+    """
+    rows, cols = torch.meshgrid(
+        torch.arange(height, device="cpu"), torch.arange(width, device="cpu"), indexing="ij"
+    )
+    rows, cols = rows.flatten(), cols.flatten()
+    d_row = rows[:, None] - rows[None, :] + height - 1
+    d_col = cols[:, None] - cols[None, :] + width - 1
+    return d_row * (2 * width - 1) + d_col
+
+
+class RelativeAttention(nn.Module):
+    """Global multi-head self-attention with a learned relative position bias."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        map_size: tuple[int, int],
+        num_heads: int,
+        numerics: Numerics,
+    ) -> None:
+        super().__init__()
+        height, width = map_size
+        inner = DIM_HEAD * num_heads
+        self.map_size = (height, width)
+        self.num_tokens = height * width
+        self.num_heads = num_heads
+        self.scale = math.sqrt(DIM_HEAD) if numerics.scale_multiply else DIM_HEAD**-0.5
+        self.relative_bias_table = nn.Parameter(
+            torch.zeros((2 * height - 1) * (2 * width - 1), num_heads)
+        )
+        self.reset_index()
+        self.register_buffer("baked_bias", None, persistent=False)
+        self.to_qkv = nn.Linear(in_channels, 3 * inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, out_channels), nn.Dropout(0.0))
+
+    def reset_index(self) -> None:
+        """(Re)compute the derived relative index; it is never saved in checkpoints."""
+        index = relative_index(*self.map_size).to(self.relative_bias_table.device)
+        self.register_buffer("relative_index", index, persistent=False)
+
+    def relative_bias(self) -> Tensor:
+        """The (heads, N, N) bias added to the attention scores, gathered from the table."""
+        n = self.relative_index.shape[0]
+        gathered = self.relative_bias_table[self.relative_index.reshape(-1)]
+        return gathered.reshape(n, n, self.num_heads).permute(2, 0, 1)
+
+    def bake_bias(self) -> Tensor:
+        """Freeze the bias for this resolution into a constant buffer (for export) and return it."""
+        baked = self.relative_bias().detach().clone().contiguous()
+        self.register_buffer("baked_bias", baked, persistent=False)
+        return baked
+
+    def forward(self, x: Tensor) -> Tensor:
+        # shapes are Python constants except the batch (-1): the graph needs no shape arithmetic
+        tokens, heads = self.num_tokens, self.num_heads
+        q, k, v = (
+            t.reshape(-1, tokens, heads, DIM_HEAD).transpose(1, 2)
+            for t in self.to_qkv(x).chunk(3, dim=-1)
+        )
+        bias = self.baked_bias if self.baked_bias is not None else self.relative_bias()
+        scores = (q @ k.transpose(-2, -1)) * self.scale + bias
+        out = scores.softmax(dim=-1) @ v
+        return self.to_out(out.transpose(1, 2).reshape(-1, tokens, heads * DIM_HEAD))
+
+
+class ToTokens(nn.Module):
+    """(B, C, H, W) -> (B, H*W, C) for a fixed channel count and map size."""
+
+    def __init__(self, channels: int, map_size: tuple[int, int]) -> None:
+        super().__init__()
+        self.shape = (-1, channels, map_size[0] * map_size[1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.reshape(self.shape).transpose(1, 2)
+
+
+class ToMap(nn.Module):
+    """(B, H*W, C) -> (B, C, H, W) for a fixed channel count and map size."""
+
+    def __init__(self, channels: int, map_size: tuple[int, int]) -> None:
+        super().__init__()
+        self.shape = (-1, channels, *map_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.transpose(1, 2).reshape(self.shape)
+
+
+class FeedForward(nn.Module):
+    """Linear(out -> 4 x block input) -> GELU -> Linear(-> out)."""
+
+    def __init__(self, dim: int, hidden: int, numerics: Numerics) -> None:
+        super().__init__()
+        self.ff = nn.Sequential(
+            nn.Linear(dim, hidden),
+            _gelu(numerics),
+            nn.Dropout(0.0),
+            nn.Linear(hidden, dim),
+            nn.Dropout(0.0),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ff(x)
+
+
+class Transformer(nn.Module):
+    """Pre-norm relative-attention block (block type ``T``) on a fixed map size.
+
+    ``downsample`` halves the resolution (max-pool on both paths, 1x1 projection on the
+    shortcut). ``project`` without ``downsample`` changes the width at the same resolution, as
+    the first Transformer block of the coatnet_6/7 tandem stage does.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        map_size: tuple[int, int],
+        num_heads: int,
+        downsample: bool,
+        numerics: Numerics,
+        project: bool = False,
+    ) -> None:
+        super().__init__()
+        self.downsample = downsample
+        if downsample:
+            self.pool = MaxPoolDown(numerics.maxpool_zero_pad)
+        self.proj = (
+            nn.Conv2d(in_channels, out_channels, 1, bias=False) if downsample or project else None
+        )
+        if self.proj is None and in_channels != out_channels:
+            raise ConfigError("a Transformer block without projection must keep the width")
+        attention = RelativeAttention(in_channels, out_channels, map_size, num_heads, numerics)
+        feed_forward = FeedForward(out_channels, 4 * in_channels, numerics)
+        self.attn = nn.Sequential(
+            ToTokens(in_channels, map_size),
+            PreNorm(nn.LayerNorm(in_channels), attention),
+            ToMap(out_channels, map_size),
+        )
+        self.ff = nn.Sequential(
+            ToTokens(out_channels, map_size),
+            PreNorm(nn.LayerNorm(out_channels), feed_forward),
+            ToMap(out_channels, map_size),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.downsample:
+            x = self.pool(x)
+        shortcut = x if self.proj is None else self.proj(x)
+        x = shortcut + self.attn(x)
+        return x + self.ff(x)
+
+
+def _stem_block(
+    in_channels: int, out_channels: int, stride: int, numerics: Numerics
+) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        _gelu(numerics),
+    )
+
+
+def _check_config(
+    img_size: Sequence[int],
+    in_channels: int,
+    num_blocks: Sequence[int],
+    channels: Sequence[int],
+    num_classes: int,
+    num_heads: int,
+    block_types: Sequence[str],
+) -> None:
+    if len(img_size) != 2:
+        raise ConfigError(f"img_size must be (height, width), got {tuple(img_size)}")
+    bad = [s for s in img_size if s <= 0 or s % 32]
+    if bad:
+        nearest = tuple(max(32, round(s / 32) * 32) for s in img_size)
+        raise ConfigError(
+            f"img_size {tuple(img_size)}: height and width must be positive multiples of 32 "
+            f"(the network downsamples by 32); try {nearest}"
+        )
+    for name, values in (("num_blocks", num_blocks), ("channels", channels)):
+        if len(values) == 4:
+            raise ConfigError(
+                f"{name} has 4 entries; CoAtNet needs 5, one per stage S0..S4 "
+                "(the seed example omits the S0 stem: prepend it, e.g. [2, 2, 2, 6, 2])"
+            )
+        if len(values) != 5:
+            raise ConfigError(f"{name} must have 5 entries (stages S0..S4), got {len(values)}")
+        if any(v < 1 for v in values):
+            raise ConfigError(f"every entry of {name} must be at least 1, got {list(values)}")
+    if len(block_types) != 4:
+        raise ConfigError(
+            f"block_types must have 4 entries (stages S1..S4), got {len(block_types)}"
+        )
+    unknown = [b for b in block_types if b not in ("C", "T")]
+    if unknown:
+        raise ConfigError(f"unknown block type(s) {unknown}: use 'C' (MBConv) or 'T' (Transformer)")
+    for name, value in (
+        ("in_channels", in_channels),
+        ("num_classes", num_classes),
+        ("num_heads", num_heads),
+    ):
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}")
+
+
+class CoAtNet(nn.Module):
+    """CoAtNet with stages S0 (conv stem) .. S4 and a linear head without bias.
+
+    Args:
+        img_size: (height, width), each a multiple of 32; fixes every relative bias table.
+        in_channels: input channels, usually 3.
+        num_blocks: blocks per stage S0..S4.
+        channels: output width of each stage S0..S4.
+        num_classes: outputs of the head.
+        num_heads: attention heads; the attention width is 32 x num_heads in every block.
+        block_types: ``"C"`` (MBConv) or ``"T"`` (Transformer) for S1..S4.
+        tandem: replaces S3 by an MBConv run then a Transformer run at 1/16 (coatnet_6/7).
+        numerics: numerical conventions; the default is the seed's mathematics.
+    """
+
+    def __init__(
+        self,
+        img_size: Sequence[int],
+        in_channels: int,
+        num_blocks: Sequence[int],
+        channels: Sequence[int],
+        num_classes: int = 1000,
+        num_heads: int = 32,
+        block_types: Sequence[str] = ("C", "C", "T", "T"),
+        tandem: Tandem | None = None,
+        numerics: Numerics = Numerics(),
+    ) -> None:
+        super().__init__()
+        _check_config(
+            img_size, in_channels, num_blocks, channels, num_classes, num_heads, block_types
+        )
+        self.img_size = (int(img_size[0]), int(img_size[1]))
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.numerics = numerics
+        self.s0 = nn.Sequential(
+            *(
+                _stem_block(
+                    in_channels if j == 0 else channels[0],
+                    channels[0],
+                    2 if j == 0 else 1,
+                    numerics,
+                )
+                for j in range(num_blocks[0])
+            )
+        )
+        widths = list(channels)
+        if tandem is not None:
+            widths[3] = tandem.channels[1]
+        for stage in range(1, 5):
+            if stage == 3 and tandem is not None:
+                self.s3_tandem = nn.Sequential(
+                    self._stage(
+                        3, "C", widths[2], tandem.channels[0], tandem.num_blocks[0], num_heads
+                    ),
+                    self._stage(
+                        3,
+                        "T",
+                        tandem.channels[0],
+                        tandem.channels[1],
+                        tandem.num_blocks[1],
+                        num_heads,
+                        downsample=False,
+                    ),
+                )
+                continue
+            setattr(
+                self,
+                f"s{stage}",
+                self._stage(
+                    stage,
+                    block_types[stage - 1],
+                    widths[stage - 1],
+                    widths[stage],
+                    num_blocks[stage],
+                    num_heads,
+                ),
+            )
+        self.fc = nn.Linear(widths[4], num_classes, bias=False)
+
+    def _stage(
+        self,
+        stage: int,
+        block_type: str,
+        in_channels: int,
+        out_channels: int,
+        depth: int,
+        num_heads: int,
+        downsample: bool = True,
+    ) -> nn.Sequential:
+        map_size = self.stage_size(stage)
+        blocks = []
+        for j in range(depth):
+            block_in = in_channels if j == 0 else out_channels
+            first = j == 0 and downsample
+            if block_type == "C":
+                blocks.append(MBConv(block_in, out_channels, first, self.numerics))
+            else:
+                blocks.append(
+                    Transformer(
+                        block_in,
+                        out_channels,
+                        map_size,
+                        num_heads,
+                        first,
+                        self.numerics,
+                        project=j == 0,
+                    )
+                )
+        return nn.Sequential(*blocks)
+
+    def stage_size(self, stage: int) -> tuple[int, int]:
+        """Spatial size (height, width) of the feature map that stage S0..S4 outputs."""
+        factor = STAGE_STRIDES[stage]
+        return self.img_size[0] // factor, self.img_size[1] // factor
+
+    def stages(self) -> list[nn.Module]:
+        """The five stages in order (S3 is the tandem stage where there is one)."""
+        s3 = self.s3_tandem if hasattr(self, "s3_tandem") else self.s3
+        return [self.s0, self.s1, self.s2, s3, self.s4]
+
+    def attention_blocks(self) -> list[RelativeAttention]:
+        """Every relative-attention module, in forward order."""
+        return [m for m in self.modules() if isinstance(m, RelativeAttention)]
+
+    def forward(self, x: Tensor) -> Tensor:
+        for stage in self.stages():
+            x = stage(x)
+        return self.fc(x.mean(dim=(2, 3)))

@@ -1,0 +1,59 @@
+"""Weights for a CoAtNet: deterministic seeded initialisation and meta-device materialisation."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from models.coatnet import CoAtNet, RelativeAttention
+
+BIAS_TABLE_STD = 0.5
+"""Spread of the initial relative bias tables: large enough that a wrong index changes outputs."""
+
+
+def refresh_derived_buffers(model: CoAtNet) -> CoAtNet:
+    """Recompute the buffers no checkpoint holds (the relative indices) on the weights' device."""
+    for attention in model.attention_blocks():
+        attention.reset_index()
+    return model
+
+
+def materialize(model: CoAtNet, device: str | torch.device = "cpu") -> CoAtNet:
+    """Give a model built on the meta device real, uninitialised storage on ``device``."""
+    model.to_empty(device=device)
+    return refresh_derived_buffers(model)
+
+
+@torch.no_grad()
+def init_weights(model: CoAtNet, seed: int) -> CoAtNet:
+    """Fill every parameter and statistic deterministically from ``seed``, in place.
+
+    Weights follow LeCun-normal scaling so activations stay finite through every variant.
+    Nothing is trivially zero or one: BatchNorm statistics, norm affines, biases and the
+    relative bias tables are all drawn at random, so that parity checks exercise each of them.
+    The result depends only on ``seed`` and the architecture, not on torch's global RNG.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def normal(t: torch.Tensor, mean: float, std: float) -> None:
+        t.copy_(torch.randn(t.shape, generator=gen, dtype=t.dtype).mul_(std).add_(mean))
+
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            fan_in = module.weight[0].numel()
+            normal(module.weight, 0.0, 1.0 / math.sqrt(fan_in))
+            if module.bias is not None:
+                normal(module.bias, 0.0, 0.02)
+        elif isinstance(module, (nn.BatchNorm2d, nn.LayerNorm)):
+            normal(module.weight, 1.0, 0.1)
+            normal(module.bias, 0.0, 0.1)
+            if isinstance(module, nn.BatchNorm2d):
+                normal(module.running_mean, 0.0, 0.1)
+                var = torch.rand(module.running_var.shape, generator=gen)
+                module.running_var.copy_(var.add_(0.5))
+                module.num_batches_tracked.zero_()
+        elif isinstance(module, RelativeAttention):
+            normal(module.relative_bias_table, 0.0, BIAS_TABLE_STD)
+    return model

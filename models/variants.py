@@ -1,0 +1,113 @@
+"""The eight CoAtNet variants of lucid's model zoo, a registry that finds them, and factories."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from models.coatnet import CoAtNet, ConfigError, Numerics, Tandem
+
+
+class UnknownVariantError(ConfigError):
+    """A variant name that the registry does not know."""
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """The fixed architecture of a named variant (resolution and classes are free)."""
+
+    name: str
+    num_blocks: tuple[int, int, int, int, int]
+    channels: tuple[int, int, int, int, int]
+    num_heads: int
+    lucid_parameters: int
+    """Parameter count that lucid documents for this variant at 224 x 224 with 1000 classes."""
+    tandem: Tandem | None = None
+
+
+VARIANTS: dict[str, VariantSpec] = {
+    spec.name: spec
+    for spec in (
+        VariantSpec("coatnet_0", (2, 2, 3, 5, 2), (64, 96, 192, 384, 768), 32, 27_174_944),
+        VariantSpec("coatnet_1", (2, 2, 6, 14, 2), (64, 96, 192, 384, 768), 32, 53_330_240),
+        VariantSpec("coatnet_2", (2, 2, 6, 14, 2), (128, 128, 256, 512, 1024), 32, 82_516_096),
+        VariantSpec("coatnet_3", (2, 2, 6, 14, 2), (192, 192, 384, 768, 1536), 32, 157_790_656),
+        VariantSpec("coatnet_4", (2, 2, 12, 28, 2), (192, 192, 384, 768, 1536), 32, 277_301_632),
+        VariantSpec("coatnet_5", (2, 2, 12, 28, 2), (192, 256, 512, 1280, 2048), 64, 770_124_608),
+        VariantSpec(
+            "coatnet_6",
+            (2, 2, 4, 8, 2),
+            (192, 192, 384, 768, 2048),
+            128,
+            2_011_558_336,
+            Tandem((8, 42), (768, 1536)),
+        ),
+        VariantSpec(
+            "coatnet_7",
+            (2, 2, 4, 8, 2),
+            (192, 256, 512, 1024, 3072),
+            128,
+            3_107_978_688,
+            Tandem((8, 42), (1024, 2048)),
+        ),
+    )
+}
+
+
+def variant_names() -> list[str]:
+    """Names of the registered variants, in order."""
+    return list(VARIANTS)
+
+
+def get_variant(name: str) -> VariantSpec:
+    """The spec of a variant; raises :class:`UnknownVariantError` listing the valid names."""
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise UnknownVariantError(
+            f"unknown variant {name!r}; valid variants: {', '.join(VARIANTS)}"
+        ) from None
+
+
+def build_variant(
+    name: str,
+    img_size: Sequence[int] = (224, 224),
+    num_classes: int = 1000,
+    in_channels: int = 3,
+    numerics: Numerics = Numerics(),
+    device: str | torch.device | None = None,
+) -> CoAtNet:
+    """Build a named variant. ``device="meta"`` allocates no weights (for counting, planning)."""
+    spec = get_variant(name)
+    with torch.device(device or "cpu"):
+        return CoAtNet(
+            img_size,
+            in_channels,
+            spec.num_blocks,
+            spec.channels,
+            num_classes=num_classes,
+            num_heads=spec.num_heads,
+            tandem=spec.tandem,
+            numerics=numerics,
+        )
+
+
+def _factory(name: str):
+    def factory(**kwargs) -> CoAtNet:
+        return build_variant(name, **kwargs)
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = f"Build {name} (keyword arguments as :func:`build_variant`)."
+    return factory
+
+
+coatnet_0 = _factory("coatnet_0")
+coatnet_1 = _factory("coatnet_1")
+coatnet_2 = _factory("coatnet_2")
+coatnet_3 = _factory("coatnet_3")
+coatnet_4 = _factory("coatnet_4")
+coatnet_5 = _factory("coatnet_5")
+coatnet_6 = _factory("coatnet_6")
+coatnet_7 = _factory("coatnet_7")
