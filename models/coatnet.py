@@ -201,10 +201,8 @@ class RelativeAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # shapes are Python constants except the batch (-1): the graph needs no shape arithmetic
         tokens, heads = self.num_tokens, self.num_heads
-        q, k, v = (
-            t.reshape(-1, tokens, heads, DIM_HEAD).transpose(1, 2)
-            for t in self.to_qkv(x).chunk(3, dim=-1)
-        )
+        qkv = self.to_qkv(x).reshape(-1, tokens, 3, heads, DIM_HEAD).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
         bias = self.baked_bias if self.baked_bias is not None else self.relative_bias()
         scores = (q @ k.transpose(-2, -1)) * self.scale + bias
         out = scores.softmax(dim=-1) @ v

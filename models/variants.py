@@ -19,41 +19,88 @@ class VariantSpec:
     """The fixed architecture of a named variant (resolution and classes are free)."""
 
     name: str
-    num_blocks: tuple[int, int, int, int, int]
-    channels: tuple[int, int, int, int, int]
+    num_blocks: tuple[int, ...]
+    channels: tuple[int, ...]
     num_heads: int
-    lucid_parameters: int
-    """Parameter count that lucid documents for this variant at 224 x 224 with 1000 classes."""
     tandem: Tandem | None = None
+    block_types: tuple[str, ...] = ("C", "C", "T", "T")
+    lucid_parameters: int | None = None
+    """Parameter count that lucid documents for this variant at 224 x 224 with 1000 classes."""
+
+    def build(
+        self,
+        img_size: Sequence[int] = (224, 224),
+        num_classes: int = 1000,
+        in_channels: int = 3,
+        numerics: Numerics = Numerics(),
+        device: str | torch.device | None = None,
+    ) -> CoAtNet:
+        """This architecture at a resolution. ``device="meta"`` allocates no weights."""
+        with torch.device(device or "cpu"):
+            return CoAtNet(
+                img_size,
+                in_channels,
+                self.num_blocks,
+                self.channels,
+                num_classes=num_classes,
+                num_heads=self.num_heads,
+                block_types=self.block_types,
+                tandem=self.tandem,
+                numerics=numerics,
+            )
+
+    def as_dict(self) -> dict:
+        """Plain data, for metadata; :meth:`from_dict` reverses it."""
+        return {
+            "name": self.name,
+            "num_blocks": list(self.num_blocks),
+            "channels": list(self.channels),
+            "num_heads": self.num_heads,
+            "block_types": list(self.block_types),
+            "tandem": None
+            if self.tandem is None
+            else {
+                "num_blocks": list(self.tandem.num_blocks),
+                "channels": list(self.tandem.channels),
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> VariantSpec:
+        tandem = data.get("tandem")
+        return cls(
+            data["name"],
+            tuple(data["num_blocks"]),
+            tuple(data["channels"]),
+            data["num_heads"],
+            None
+            if tandem is None
+            else Tandem(tuple(tandem["num_blocks"]), tuple(tandem["channels"])),
+            tuple(data.get("block_types", ("C", "C", "T", "T"))),
+        )
 
 
 VARIANTS: dict[str, VariantSpec] = {
     spec.name: spec
     for spec in (
-        VariantSpec("coatnet_0", (2, 2, 3, 5, 2), (64, 96, 192, 384, 768), 32, 27_174_944),
-        VariantSpec("coatnet_1", (2, 2, 6, 14, 2), (64, 96, 192, 384, 768), 32, 53_330_240),
-        VariantSpec("coatnet_2", (2, 2, 6, 14, 2), (128, 128, 256, 512, 1024), 32, 82_516_096),
-        VariantSpec("coatnet_3", (2, 2, 6, 14, 2), (192, 192, 384, 768, 1536), 32, 157_790_656),
-        VariantSpec("coatnet_4", (2, 2, 12, 28, 2), (192, 192, 384, 768, 1536), 32, 277_301_632),
-        VariantSpec("coatnet_5", (2, 2, 12, 28, 2), (192, 256, 512, 1280, 2048), 64, 770_124_608),
-        VariantSpec(
-            "coatnet_6",
-            (2, 2, 4, 8, 2),
-            (192, 192, 384, 768, 2048),
-            128,
-            2_011_558_336,
-            Tandem((8, 42), (768, 1536)),
-        ),
-        VariantSpec(
-            "coatnet_7",
-            (2, 2, 4, 8, 2),
-            (192, 256, 512, 1024, 3072),
-            128,
-            3_107_978_688,
-            Tandem((8, 42), (1024, 2048)),
-        ),
+        VariantSpec("coatnet_0", (2, 2, 3, 5, 2), (64, 96, 192, 384, 768), 32,
+                    lucid_parameters=27_174_944),
+        VariantSpec("coatnet_1", (2, 2, 6, 14, 2), (64, 96, 192, 384, 768), 32,
+                    lucid_parameters=53_330_240),
+        VariantSpec("coatnet_2", (2, 2, 6, 14, 2), (128, 128, 256, 512, 1024), 32,
+                    lucid_parameters=82_516_096),
+        VariantSpec("coatnet_3", (2, 2, 6, 14, 2), (192, 192, 384, 768, 1536), 32,
+                    lucid_parameters=157_790_656),
+        VariantSpec("coatnet_4", (2, 2, 12, 28, 2), (192, 192, 384, 768, 1536), 32,
+                    lucid_parameters=277_301_632),
+        VariantSpec("coatnet_5", (2, 2, 12, 28, 2), (192, 256, 512, 1280, 2048), 64,
+                    lucid_parameters=770_124_608),
+        VariantSpec("coatnet_6", (2, 2, 4, 8, 2), (192, 192, 384, 768, 2048), 128,
+                    tandem=Tandem((8, 42), (768, 1536)), lucid_parameters=2_011_558_336),
+        VariantSpec("coatnet_7", (2, 2, 4, 8, 2), (192, 256, 512, 1024, 3072), 128,
+                    tandem=Tandem((8, 42), (1024, 2048)), lucid_parameters=3_107_978_688),
     )
-}
+}  # fmt: skip
 
 
 def variant_names() -> list[str]:
@@ -80,18 +127,7 @@ def build_variant(
     device: str | torch.device | None = None,
 ) -> CoAtNet:
     """Build a named variant. ``device="meta"`` allocates no weights (for counting, planning)."""
-    spec = get_variant(name)
-    with torch.device(device or "cpu"):
-        return CoAtNet(
-            img_size,
-            in_channels,
-            spec.num_blocks,
-            spec.channels,
-            num_classes=num_classes,
-            num_heads=spec.num_heads,
-            tandem=spec.tandem,
-            numerics=numerics,
-        )
+    return get_variant(name).build(img_size, num_classes, in_channels, numerics, device)
 
 
 def _factory(name: str):

@@ -1,0 +1,37 @@
+"""Shared fixtures: a tiny architecture, seeded models, and running the CLI in-process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from coatnet_export.cli import main
+from models import VariantSpec
+
+TINY = VariantSpec("tiny", (1, 1, 2, 2, 1), (8, 12, 16, 24, 32), num_heads=2)
+"""A CoAtNet small enough to export in a second, with every block type and a downsampling T."""
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run ``coatnet-export ARGS`` in this process; returns exit code, stdout, stderr."""
+
+    def run(*args: str) -> CliResult:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return CliResult(exit_info.value.code, captured.out, captured.err)
+
+    return run

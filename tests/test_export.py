@@ -1,0 +1,175 @@
+"""Export: parity with onnxruntime for both exporters, baked biases, metadata, external data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from conftest import TINY
+from safetensors.torch import save_file
+
+from coatnet_export.console import Progress
+from coatnet_export.inspect import metadata_of
+from coatnet_export.pipeline import ExportOptions, rejected_path, run_export
+from coatnet_export.validate import Gates
+from models import CoAtNet, get_variant, init_weights
+
+
+def export_tiny(tmp_path: Path, **overrides) -> object:
+    options = dict(architecture=TINY, output=tmp_path / "out", img_size=(64, 96), num_classes=10)
+    options.update(overrides)
+    return run_export(ExportOptions(**options), Progress(6, enabled=False))
+
+
+def ops_of(path: Path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_tiny_parity_non_square(tmp_path: Path, exporter: str) -> None:
+    outcome = export_tiny(tmp_path, exporter=exporter, seed=3)
+    assert outcome.passed
+    assert outcome.directory == tmp_path / "out"
+    cases = {r.case: r for r in outcome.results}
+    assert set(cases) == {"random #1", "random #2", "random #3", "random batch of 4"}
+    for result in outcome.results:
+        assert result.max_rel <= 1e-4 and result.top1 == 1.0 and result.nonfinite == 0
+        assert result.max_abs > 0  # two different runtimes really ran
+    assert outcome.graph.output_shape == ["batch", 10]
+    assert outcome.graph.table_lookups == 0
+    ops = ops_of(outcome.directory / "model.onnx")
+    assert not ops & {"Gather", "GatherND", "GatherElements", "Dropout", "BatchNormalization"}
+
+
+def test_baked_bias_bytes_and_constants(tmp_path: Path) -> None:
+    outcome = export_tiny(tmp_path, img_size=(64, 64))
+    # S3 at 4x4 (16 tokens) in two blocks, S4 at 2x2 (4 tokens) in one; 2 heads; float32
+    assert outcome.baked_bias_bytes == (2 * 2 * 16 * 16 + 2 * 4 * 4) * 4
+    model = onnx.load(str(outcome.directory / "model.onnx"))
+    shapes = [list(t.dims) for t in model.graph.initializer]
+    assert shapes.count([2, 16, 16]) + shapes.count([1, 2, 16, 16]) == 2
+
+
+def test_parity_gate_failure_rejects_model(tmp_path: Path) -> None:
+    outcome = export_tiny(tmp_path, gates=Gates(max_rel_error=1e-12))
+    assert not outcome.passed
+    assert not (tmp_path / "out").exists()
+    assert outcome.directory == rejected_path(tmp_path / "out")
+    assert (outcome.directory / "model.onnx").is_file()
+    report = json.loads((outcome.directory / "validation.json").read_text())
+    assert report["passed"] is False
+
+
+def test_fixed_batch(tmp_path: Path) -> None:
+    outcome = export_tiny(tmp_path, batch=3)
+    assert outcome.passed
+    assert outcome.graph.output_shape == [3, 10]
+    assert all(r.batch == 3 for r in outcome.results)
+
+
+def test_metadata_round_trip(tmp_path: Path) -> None:
+    labels = [f"class {i}" for i in range(10)]
+    outcome = export_tiny(tmp_path, labels=labels)
+    path = outcome.directory / "model.onnx"
+    metadata = metadata_of(onnx.load(str(path), load_external_data=False))
+    assert metadata == outcome.metadata
+    assert metadata.labels == labels
+    assert metadata.img_size == [64, 96] and metadata.in_channels == 3
+    assert metadata.mean == [0.485, 0.456, 0.406] and metadata.interpolation == "bicubic"
+    assert metadata.architecture["num_blocks"] == [1, 1, 2, 2, 1]
+    assert set(metadata.versions) == {"coatnet_export", "torch", "onnx", "onnxruntime"}
+    assert len(metadata.weights_sha256) == 64
+    props = ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map
+    assert json.loads(props["labels"]) == labels and props["variant"] == "tiny"
+    manifest = json.loads((outcome.directory / "manifest.json").read_text())
+    assert manifest["metadata"]["weights_sha256"] == metadata.weights_sha256
+    assert manifest["files"] == {"model.onnx": path.stat().st_size}
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_external_data_when_over_threshold(tmp_path: Path, exporter: str) -> None:
+    outcome = export_tiny(tmp_path, exporter=exporter, external_data_threshold=10_000)
+    assert outcome.passed
+    assert outcome.graph.external_data
+    assert sorted(p.name for p in outcome.directory.iterdir()) == [
+        "manifest.json",
+        "model.onnx",
+        "model.onnx.data",
+        "validation.json",
+    ]
+    moved = tmp_path / "elsewhere"
+    shutil.move(outcome.directory, moved)  # the pair moves together: the reference is relative
+    session = ort.InferenceSession(str(moved / "model.onnx"))
+    logits = session.run(None, {"input": np.zeros((2, 3, 64, 96), np.float32)})[0]
+    assert logits.shape == (2, 10)
+
+
+def test_small_model_is_one_file_even_from_dynamo(tmp_path: Path) -> None:
+    outcome = export_tiny(tmp_path)
+    assert not outcome.graph.external_data
+    assert not (outcome.directory / "model.onnx.data").exists()
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_coatnet_0_parity(tmp_path: Path, exporter: str) -> None:
+    outcome = run_export(
+        ExportOptions(
+            architecture=get_variant("coatnet_0"),
+            output=tmp_path / "c0",
+            exporter=exporter,
+            samples=1,
+            large_batch=2,
+        ),
+        Progress(6, enabled=False),
+    )
+    assert outcome.passed, [r.as_dict() for r in outcome.results]
+    assert outcome.graph.table_lookups == 0
+    assert "Gather" not in ops_of(outcome.directory / "model.onnx")
+    assert outcome.graph.output_shape == ["batch", 1000]
+
+
+def test_checkpoint_export_and_weights_hash(tmp_path: Path, run_cli) -> None:
+    model = init_weights(TINY.build((64, 64), num_classes=10), 5)
+    torch.save(model.state_dict(), tmp_path / "tiny.pt")
+    a = export_tiny(
+        tmp_path,
+        output=tmp_path / "a",
+        img_size=(64, 64),
+        checkpoint=tmp_path / "tiny.pt",
+        num_classes=None,
+    )
+    save_file(model.state_dict(), tmp_path / "tiny.safetensors")
+    b = export_tiny(
+        tmp_path,
+        output=tmp_path / "b",
+        img_size=(64, 64),
+        checkpoint=tmp_path / "tiny.safetensors",
+        num_classes=None,
+    )
+    assert a.passed and b.passed
+    assert a.metadata.num_classes == 10  # taken from the checkpoint
+    assert a.metadata.weights_sha256 == b.metadata.weights_sha256
+    assert a.metadata.seed is None and a.metadata.weights.endswith("tiny.pt")
+
+
+def test_checkpoint_at_another_resolution_resizes_tables(tmp_path: Path) -> None:
+    model = TINY.build((64, 64), num_classes=10)
+    init_weights(model, 1)
+    torch.save(model.state_dict(), tmp_path / "tiny64.pt")
+    outcome = export_tiny(tmp_path, img_size=(96, 128), checkpoint=tmp_path / "tiny64.pt")
+    assert outcome.passed
+    manifest = json.loads((outcome.directory / "manifest.json").read_text())
+    assert any("trained at 64x64" in w and "96x128" in w for w in manifest["warnings"])
+
+
+def test_seeded_and_checkpoint_tables_are_not_trivial() -> None:
+    model = TINY.build((64, 64))
+    init_weights(model, 0)
+    assert isinstance(model, CoAtNet)
+    assert all(a.relative_bias_table.abs().mean() > 0.1 for a in model.attention_blocks())
