@@ -1,0 +1,235 @@
+"""int8 quantization on the trained digits fixture: accuracy, fallback, report, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+from coatnet_export.console import Progress
+from coatnet_export.inspect import metadata_of
+from coatnet_export.pipeline import ExportOptions, run_export
+from coatnet_export.quantize import CpuInt8, choose_types
+from models import VariantSpec
+
+FIXTURE = Path(__file__).parent / "fixtures" / "digits"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from train_fixture import split, write_images  # noqa: E402
+
+DIGITS = VariantSpec("digits", (1, 1, 2, 2, 1), (16, 24, 32, 48, 64), num_heads=2)
+
+
+def listing(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> dict[str, Path]:
+    """The trained fixture exported to ONNX, and calibration / held-out image folders."""
+    root = tmp_path_factory.mktemp("digits")
+    train, test = split()
+    write_images(root / "calibration", train[:64])
+    write_images(root / "test", test)
+    labels = [line for line in (FIXTURE / "labels.txt").read_text().splitlines() if line]
+    run_export(
+        ExportOptions(
+            architecture=None,
+            output=root / "export",
+            checkpoint=FIXTURE / "digits.safetensors",
+            mean=(0.5,),
+            std=(0.5,),
+            crop_pct=1.0,
+            labels=labels,
+            samples=1,
+        ),
+        Progress(6, enabled=False),
+    )
+    return {
+        "root": root,
+        "export": root / "export",
+        "calibration": root / "calibration",
+        "test": root / "test",
+    }
+
+
+def fresh_export(digits: dict[str, Path], tmp_path: Path) -> Path:
+    copy = tmp_path / "export"
+    shutil.copytree(digits["export"], copy)
+    return copy
+
+
+def test_static_quantization_meets_the_accuracy_targets(tmp_path: Path, digits, run_cli) -> None:
+    export = fresh_export(digits, tmp_path)
+    result = run_cli(
+        "quantize",
+        export,
+        "--calibration-data",
+        digits["calibration"],
+        "--eval-data",
+        digits["test"],
+    )
+    assert result.code == 0, result.err
+    report = json.loads((export / "quantization.json").read_text())
+    agreement = report["agreement"]
+    assert agreement["samples"] == 360
+    assert agreement["top1"] >= 0.99
+    assert agreement["int8_accuracy"] >= 0.95
+    assert agreement["fp32_accuracy"] - agreement["int8_accuracy"] <= 0.005
+    assert report["sizes"]["int8"] < 0.5 * report["sizes"]["fp32"]
+    assert len(report["lowest_sqnr"]) == 10
+    assert report["latency_ms"]["fp32"] > 0 and report["latency_ms"]["int8"] > 0
+    assert report["compact_bias_bytes"] > 0
+    int8 = onnx.load(str(export / "model.int8.onnx"))
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in int8.graph.node}
+    metadata = metadata_of(int8)
+    assert metadata.quantization["mode"] == "static"
+    assert metadata.quantization["activation_type"] == report["choice"]["activation_type"]
+    assert "lowest SQNR" in result.out and "top-1 agreement" in result.out
+
+
+def test_fallback_returns_tensors_to_float_until_the_gate_passes(
+    tmp_path: Path, digits, run_cli
+) -> None:
+    export = fresh_export(digits, tmp_path)
+    result = run_cli(
+        "quantize",
+        export,
+        "--calibration-data",
+        digits["calibration"],
+        "--eval-data",
+        digits["test"],
+        "--min-agreement",
+        "1.0",
+        "--max-fallback-steps",
+        "2",
+    )
+    report = json.loads((export / "quantization.json").read_text())
+    assert report["fallback_steps"], "the default quantization should miss a 100 % gate here"
+    assert all(step for step in report["fallback_steps"])
+    assert set(report["fallback_steps"][0]) <= set(report["excluded_nodes"])
+    assert result.code == (0 if report["passed"] else 1)
+
+
+def test_dynamic_quantization(tmp_path: Path, digits, run_cli) -> None:
+    export = fresh_export(digits, tmp_path)
+    result = run_cli("quantize", export, "--mode", "dynamic", "--eval-data", digits["test"])
+    assert result.code == 0, result.err
+    int8 = onnx.load(str(export / "model.int8.onnx"))
+    ops = {n.op_type for n in int8.graph.node}
+    assert ops & {"MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul"}
+    assert "ConvInteger" not in ops  # dynamic Conv quantization brings no speed: left alone
+
+
+def test_infer_script_runs_the_int8_model(tmp_path: Path, digits) -> None:
+    from test_infer import run_without_torch
+
+    export = fresh_export(digits, tmp_path)
+    from coatnet_export.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(
+            [
+                "quantize",
+                str(export),
+                "--calibration-data",
+                str(digits["calibration"]),
+                "--eval-data",
+                str(digits["test"]),
+            ]
+        )
+    assert done.value.code == 0
+    result = run_without_torch(export / "model.int8.onnx", digits["test"] / "3", "--json")
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert records and sum(r["top_k"][0]["label"] == "3" for r in records) >= 0.9 * len(records)
+
+
+def test_cpu_choice_follows_the_instruction_set() -> None:
+    vnni = choose_types(CpuInt8("x86_64", ("avx512_vnni", "avx512f", "avx2")))
+    assert (vnni.activation_type, vnni.weight_type, vnni.reduce_range) == ("uint8", "int8", False)
+    avx2 = choose_types(CpuInt8("x86_64", ("avx2",)))
+    assert avx2.reduce_range and "saturate" in avx2.reason
+    arm = choose_types(CpuInt8("aarch64", ("asimddp",)))
+    assert not arm.reduce_range
+
+
+def test_export_with_quantize(tmp_path: Path, digits, run_cli) -> None:
+    result = run_cli(
+        "--checkpoint",
+        FIXTURE / "digits.safetensors",
+        "--mean",
+        "0.5",
+        "--std",
+        "0.5",
+        "--crop-pct",
+        "1.0",
+        "--output",
+        tmp_path / "q",
+        "--samples",
+        "1",
+        "--quantize",
+        "static",
+        "--calibration-data",
+        digits["calibration"],
+        "--eval-data",
+        digits["test"],
+    )
+    assert result.code == 0, result.err
+    assert (tmp_path / "q" / "model.int8.onnx").is_file()
+    assert (tmp_path / "q" / "quantization.json").is_file()
+
+
+def test_bad_quantization_inputs(tmp_path: Path, digits, run_cli, monkeypatch) -> None:
+    export = fresh_export(digits, tmp_path / "m")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.png").write_text("not an image")
+    (junk / "cut.png").write_bytes(
+        (digits["calibration"] / "0").glob("*.png").__next__().read_bytes()[:20]
+    )
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    model = onnx.load(str(export / "model.onnx"))
+    del model.metadata_props[:]
+    onnx.save(model, str(bare / "model.onnx"))
+    cases = [
+        (["quantize", export], "needs --calibration-data"),
+        (["quantize", export, "--calibration-data", empty], "no usable image"),
+        (["quantize", export, "--calibration-data", junk], "no usable image in"),
+        (["quantize", bare, "--random-calibration"], "pass --size H W, --mean and --std"),
+    ]
+    for args, fragment in cases:
+        before = listing(tmp_path)
+        result = run_cli(*args)
+        assert result.code == 2, (args, result.err)
+        assert fragment in result.err and "Traceback" not in result.err, result.err
+        assert listing(tmp_path) == before, args
+
+    assert run_cli("quantize", export, "--mode", "dynamic").code == 0
+    shutil.copy(export / "model.int8.onnx", bare / "model.onnx")
+    again = run_cli("quantize", bare / "model.onnx", "--random-calibration")
+    assert again.code == 2 and "already quantized" in again.err
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(digits["calibration"], mixed)
+    (mixed / "0" / "0000_bad.png").write_text("corrupt")  # sorts first
+    skipped = run_cli(
+        "quantize", export, "--calibration-data", mixed, "--eval-data", digits["test"]
+    )
+    assert skipped.code == 0, skipped.err
+    assert "skipped 1 unreadable calibration file(s)" in skipped.out
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("coatnet_export.quantize.tempfile.mkdtemp", refuse)
+    before = listing(tmp_path)
+    unwritable = run_cli("quantize", export, "--random-calibration")
+    assert unwritable.code == 2 and "is not writable" in unwritable.err
+    assert listing(tmp_path) == before
