@@ -98,6 +98,7 @@ def test_bad_checkpoints(tmp_path: Path, run_cli, coatnet_0_state_dict) -> None:
     [
         (["--variant", "coatnet_9"], "valid variants: coatnet_0, coatnet_1"),
         (["--variant", VARIANT, "--img-size", "224", "200"], "multiples of 32"),
+        (["--variant", VARIANT, "--img-size", "dynamic", "224"], "cannot be dynamic"),
         (["--variant", VARIANT, "--mean", "0.5,0.5"], "mean has 2 values but std has 3"),
         (["--variant", VARIANT, "--batch", "zero"], "neither 'dynamic' nor a positive integer"),
     ],

@@ -89,6 +89,9 @@ def test_static_quantization_meets_the_accuracy_targets(tmp_path: Path, digits, 
     assert metadata.quantization["mode"] == "static"
     assert metadata.quantization["activation_type"] == report["choice"]["activation_type"]
     assert "lowest SQNR" in result.out and "top-1 agreement" in result.out
+    manifest = json.loads((export / "manifest.json").read_text())
+    assert manifest["quantization"]["mode"] == "static"
+    assert manifest["files"]["model.int8.onnx"] == (export / "model.int8.onnx").stat().st_size
 
 
 def test_fallback_returns_tensors_to_float_until_the_gate_passes(
