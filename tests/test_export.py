@@ -11,7 +11,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import TINY
 from safetensors.torch import save_file
 
 from coatnet_export.console import Progress
@@ -19,6 +18,8 @@ from coatnet_export.inspect import metadata_of
 from coatnet_export.pipeline import ExportOptions, rejected_path, run_export
 from coatnet_export.validate import Gates
 from models import CoAtNet, get_variant, init_weights
+
+from conftest import TINY
 
 
 def export_tiny(tmp_path: Path, **overrides) -> object:

@@ -12,12 +12,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import TINY
 from PIL import Image
 
 from coatnet_export.console import Progress
 from coatnet_export.pipeline import ExportOptions, run_export
 from coatnet_export.preprocess import Preprocessing
+
+from conftest import TINY
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "infer.py"
 LABELS = [f"class-{i}" for i in range(10)]
