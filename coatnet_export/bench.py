@@ -1,0 +1,239 @@
+"""Fair latency measurement: interleaved runs, warm-up, percentiles, and the machine's matmul peak."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+REWARM_CALLS = 1
+"""Untimed calls before each timed one, after switching candidates: they absorb the switch
+(caches, the previous runtime's worker threads winding down)."""
+
+
+@dataclass
+class LatencyStats:
+    """Latency percentiles of one candidate at one batch size and thread count."""
+
+    name: str
+    batch: int
+    threads: int
+    runs: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    images_per_s: float
+    gflops_per_s: float | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def time_interleaved(candidates: dict[str, Callable[[], object]], warmup: int,
+                     runs: int) -> dict[str, list[float]]:
+    """Seconds per call of each candidate, measured round-robin so drift hits all alike.
+
+    Every candidate is warmed up first; each round then calls every candidate in turn,
+    rotating the order, timing one call after :data:`REWARM_CALLS` untimed ones.
+    """
+    for fn in candidates.values():
+        for _ in range(warmup):
+            fn()
+    names = list(candidates)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(runs):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            for _ in range(REWARM_CALLS):
+                candidates[name]()
+            start = time.perf_counter()
+            candidates[name]()
+            samples[name].append(time.perf_counter() - start)
+    return samples
+
+
+def summarize(name: str, seconds: list[float], batch: int, threads: int,
+              macs_per_image: int | None = None) -> LatencyStats:
+    """Percentiles in milliseconds, throughput, and achieved GFLOP/s (2 FLOPs per MAC)."""
+    ms = np.asarray(seconds) * 1000
+    p50 = float(np.percentile(ms, 50))
+    gflops = None if macs_per_image is None else 2 * macs_per_image * batch / (p50 / 1000) / 1e9
+    return LatencyStats(name, batch, threads, len(seconds), p50, float(np.percentile(ms, 90)),
+                        float(np.percentile(ms, 99)), batch / (p50 / 1000), gflops)
+
+
+def matmul_peak_gflops(threads: int, n: int = 2048, runs: int = 10) -> float:
+    """GFLOP/s of an n x n fp32 matmul in onnxruntime: the machine's practical peak."""
+    spec = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, n]) for name in "ABC"]
+    graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["C"])], "matmul",
+                              spec[:2], spec[2:])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {"A": rng.standard_normal((n, n), dtype=np.float32),
+             "B": rng.standard_normal((n, n), dtype=np.float32)}
+    seconds = time_interleaved({"matmul": lambda: session.run(None, feeds)}, 2, runs)["matmul"]
+    return 2 * n**3 / float(np.median(seconds)) / 1e9
+
+
+@dataclass
+class ProcessRun:
+    """Wall time, peak resident memory and exit code of a child process."""
+
+    wall_s: float
+    peak_rss_bytes: int
+    returncode: int
+    output: str
+
+
+def run_measured(argv: list[str], env: dict[str, str] | None = None) -> ProcessRun:
+    """Run a command and measure its wall time and peak RSS (from the kernel's rusage)."""
+    start = time.perf_counter()
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=env) as process:
+        output = process.stdout.read() if process.stdout else ""
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+    return ProcessRun(time.perf_counter() - start, usage.ru_maxrss * 1024, process.returncode,
+                      output)
+
+
+@dataclass
+class BenchTarget:
+    """One thing to time: a name and a factory that returns ``run(batch_array)``."""
+
+    name: str
+    make_runner: Callable[[int], Callable[[np.ndarray], object]]
+    """Called with a thread count; returns a callable that runs one batch."""
+
+
+def onnx_target(name: str, path) -> BenchTarget:
+    """An ONNX file in onnxruntime (CPU, all optimisations, no spinning between calls)."""
+    from coatnet_export.validate import make_session
+
+    def make_runner(threads: int):
+        session = make_session(path, threads, spinning=False)
+        input_name = session.get_inputs()[0].name
+        return lambda x: session.run(None, {input_name: x})
+
+    return BenchTarget(name, make_runner)
+
+
+def torch_target(model) -> BenchTarget:
+    """The PyTorch model in eager mode (inference mode, the given thread count)."""
+    import torch
+
+    def make_runner(threads: int):
+        def run(x: np.ndarray) -> object:
+            torch.set_num_threads(threads)
+            with torch.inference_mode():
+                return model(torch.from_numpy(x))
+
+        return run
+
+    return BenchTarget("pytorch eager", make_runner)
+
+
+def benchmark(targets: list[BenchTarget], input_shape: tuple[int, int, int], batches: list[int],
+              threads: list[int], runs: int, warmup: int, macs_per_image: int | None,
+              progress: Callable[[str], None]) -> tuple[list[LatencyStats], dict[int, float]]:
+    """Time every target at every batch size and thread count, interleaved within each setting."""
+    rows: list[LatencyStats] = []
+    peaks: dict[int, float] = {}
+    rng = np.random.default_rng(0)
+    for thread_count in threads:
+        progress(f"{thread_count} thread(s): matmul peak")
+        peaks[thread_count] = matmul_peak_gflops(thread_count)
+        runners = {t.name: t.make_runner(thread_count) for t in targets}
+        for batch in batches:
+            progress(f"{thread_count} thread(s), batch {batch}: {len(targets)} target(s) x "
+                     f"{runs} runs")
+            x = rng.standard_normal((batch, *input_shape), dtype=np.float32)
+            samples = time_interleaved({n: (lambda r=r: r(x)) for n, r in runners.items()},
+                                       warmup, runs)
+            rows += [summarize(n, s, batch, thread_count, macs_per_image)
+                     for n, s in samples.items()]
+    return rows, peaks
+
+
+INT8_OPS = {"QuantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+            "MatMulInteger", "ConvInteger"}
+
+
+def describe_onnx(path) -> tuple[str, dict | None]:
+    """A short label ("onnx fp32" / "onnx int8") and the coatnet-export metadata, if any."""
+    from dataclasses import asdict
+
+    from coatnet_export.inspect import load_proto, metadata_of
+
+    proto = load_proto(path)
+    kind = "int8" if any(n.op_type in INT8_OPS for n in proto.graph.node) else "fp32"
+    metadata = metadata_of(proto)
+    return f"onnx {kind}", None if metadata is None else asdict(metadata)
+
+
+@dataclass
+class BenchPlan:
+    targets: list[BenchTarget]
+    labels: dict[str, str]
+    """Target name -> what it is (a path, or the variant)."""
+    input_shape: tuple[int, int, int]
+    macs_per_image: int
+
+
+def plan_bench(models: list, variant: str | None, img_size: tuple[int, int] | None,
+               with_torch: bool, workdir, say: Callable[[str], None]) -> BenchPlan:
+    """Targets for ``coatnet-export bench``: the given ONNX models, and PyTorch eager."""
+    from pathlib import Path
+
+    from coatnet_export.console import Progress
+    from coatnet_export.errors import InputError
+    from coatnet_export.inspect import resolve_model_path
+    from coatnet_export.pipeline import ExportOptions, run_export
+    from models import VariantSpec, count_macs, get_variant, init_weights, materialize
+
+    paths: list[Path] = []
+    for model in models:
+        if Path(model).is_dir() and (Path(model) / "model.int8.onnx").is_file():
+            paths += [Path(model) / "model.onnx", Path(model) / "model.int8.onnx"]
+        else:
+            paths.append(resolve_model_path(Path(model)))
+    architecture = get_variant(variant) if variant else None
+    if not paths:
+        if architecture is None:
+            raise InputError("give ONNX models to time, or --variant NAME")
+        say(f"exporting {variant} (fp32) for the benchmark ...")
+        outcome = run_export(ExportOptions(architecture=architecture, output=Path(workdir) / variant,
+                                           img_size=img_size, validate=False),
+                             Progress(4, enabled=False))
+        paths.append(outcome.directory / "model.onnx")
+    described = [(path, *describe_onnx(path)) for path in paths]
+    metadata = next((m for _, _, m in described if m), None)
+    if architecture is None and metadata is not None:
+        architecture = VariantSpec.from_dict(metadata["architecture"])
+    if architecture is None:
+        raise InputError("the models carry no coatnet-export metadata: pass --variant")
+    size = img_size or (tuple(metadata["img_size"]) if metadata else (224, 224))
+    channels = metadata["in_channels"] if metadata else 3
+    classes = metadata["num_classes"] if metadata else 1000
+    targets, labels = [], {}
+    if with_torch:
+        model = init_weights(materialize(architecture.build(size, classes, channels,
+                                                            device="meta")), 0).eval()
+        targets.append(torch_target(model))
+        labels["pytorch eager"] = f"{architecture.name} (seeded weights)"
+    for path, kind, _ in described:
+        name = kind if kind not in labels else f"{kind} ({path.name})"
+        targets.append(onnx_target(name, path))
+        labels[name] = str(path)
+    macs = count_macs(architecture.build(size, classes, channels, device="meta"))
+    return BenchPlan(targets, labels, (channels, *size), macs)

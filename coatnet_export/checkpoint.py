@@ -1,0 +1,193 @@
+"""Reading checkpoints without executing code, and fitting their tensors to a model."""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
+
+from coatnet_export.errors import InputError
+from coatnet_export.lucid import looks_like_lucid, read_lcd, to_tensors
+from models import CoAtNet
+from models.coatnet import STAGE_STRIDES
+
+StateDict = dict[str, torch.Tensor]
+
+DERIVED_KEYS = ("relative_index", "num_batches_tracked")
+"""Key suffixes that are derived or bookkeeping: never required, never an error if present."""
+
+WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
+"""Keys under which training scripts commonly nest the state dict."""
+
+
+CheckpointFormat = Literal["auto", "torch", "lucid"]
+CHECKPOINT_FORMATS: tuple[CheckpointFormat, ...] = ("auto", "torch", "lucid")
+
+
+@dataclass
+class Checkpoint:
+    """Tensors read from a file, and which framework wrote them."""
+
+    state_dict: StateDict
+    format: Literal["torch", "lucid"]
+    path: Path
+
+
+def read_checkpoint(path: Path, fmt: CheckpointFormat = "auto") -> Checkpoint:
+    """Read a PyTorch or lucid checkpoint without executing code; ``auto`` tells them apart.
+
+    ``.lcd`` files are lucid's; a ``.safetensors`` file is lucid's when it carries lucid's
+    traces (saved relative indices, float64 BatchNorm statistics); anything else is torch's.
+    """
+    if fmt == "torch" and path.suffix == ".lcd":
+        raise InputError(f"{path} is a lucid .lcd file; use --checkpoint-format lucid (or auto)")
+    if path.suffix == ".lcd":
+        if not path.is_file():
+            raise InputError(f"checkpoint {path} does not exist")
+        return Checkpoint(to_tensors(read_lcd(path)), "lucid", path)
+    state_dict = read_torch_state_dict(path)
+    if fmt == "auto":
+        fmt = "lucid" if looks_like_lucid(state_dict) else "torch"
+    return Checkpoint(state_dict, fmt, path)
+
+
+def read_torch_state_dict(path: Path) -> StateDict:
+    """Tensors of a ``.pt``/``.pth``/``.bin`` (weights only) or ``.safetensors`` file."""
+    if not path.is_file():
+        raise InputError(f"checkpoint {path} does not exist (give the path of a .pt, .pth or "
+                         ".safetensors file)")
+    if path.suffix == ".safetensors":
+        try:
+            return load_safetensors(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise InputError(f"checkpoint {path} is not a readable safetensors file ({exc})") from None
+    try:
+        # memory-map zip checkpoints so big weights are not read twice; legacy pickles cannot be
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
+            warnings.simplefilter("ignore")
+            loaded = torch.load(path, map_location="cpu", weights_only=True,
+                                mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as exc:
+        first_line = str(exc).strip().splitlines()[0]
+        raise InputError(
+            f"refused to load {path}: it holds objects other than tensors, and unpickling it could "
+            f"run code ({first_line}); save a plain state_dict or a .safetensors file"
+        ) from None
+    except Exception as exc:  # torch.load raises many types for damaged or foreign files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"checkpoint {path} is not a readable PyTorch file ({reason})") from None
+    return _as_state_dict(loaded, path)
+
+
+def _as_state_dict(loaded: object, path: Path) -> StateDict:
+    if isinstance(loaded, Mapping):
+        for key in WRAPPER_KEYS:
+            if isinstance(loaded.get(key), Mapping):
+                loaded = loaded[key]
+                break
+    if not isinstance(loaded, Mapping) or not loaded:
+        raise InputError(f"checkpoint {path} is not a state dict (expected a mapping of parameter "
+                         f"names to tensors, got {type(loaded).__name__})")
+    not_tensors = [k for k, v in loaded.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise InputError(f"checkpoint {path} is not a state dict: {_names(not_tensors)} "
+                         "are not tensors")
+    prefix = "module." if all(k.startswith("module.") for k in loaded) else ""
+    # chinhsuanwu/coatnet-pytorch names the feed-forward Sequential "net" where lucid says "ff"
+    return {k[len(prefix):].replace(".fn.net.", ".fn.ff."): v for k, v in loaded.items()}
+
+
+def _names(keys: list[str], limit: int = 4) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"{shown} (+{len(keys) - limit} more)" if len(keys) > limit else shown
+
+
+def _is_bias_table(key: str) -> bool:
+    return key.endswith("relative_bias_table")
+
+
+def trained_img_size(state_dict: StateDict) -> tuple[int, int] | None:
+    """The input resolution whose bias-table sizes match the checkpoint's, if one does.
+
+    Searches heights and widths that are multiples of 32 up to 2048 for the one that explains
+    every table (each table covers a (2h-1) x (2w-1) grid at its stage's resolution).
+    """
+    tables = {
+        key: (state_dict[key].shape[0], _stage_stride(key))
+        for key in state_dict if _is_bias_table(key)
+    }
+    if not tables:
+        return None
+    sizes = range(32, 2049, 32)
+    squares_first = [(h, h) for h in sizes] + [(h, w) for h in sizes for w in sizes if h != w]
+    for height, width in squares_first:
+        if all((2 * (height // s) - 1) * (2 * (width // s) - 1) == rows
+               for rows, s in tables.values()):
+            return height, width
+    return None
+
+
+def _stage_stride(key: str) -> int:
+    stage = key.split(".", 1)[0]
+    return STAGE_STRIDES[3] if stage == "s3_tandem" else STAGE_STRIDES[int(stage[1:])]
+
+
+def resize_bias_table(table: torch.Tensor, src_grid: tuple[int, int],
+                      dst_grid: tuple[int, int]) -> torch.Tensor:
+    """Bicubic resize of a (rows, heads) table from one (2h-1, 2w-1) grid to another."""
+    heads = table.shape[1]
+    grid = table.float().T.reshape(1, heads, *src_grid)
+    resized = F.interpolate(grid, size=dst_grid, mode="bicubic", align_corners=False)
+    return resized.reshape(heads, -1).T.contiguous().to(table.dtype)
+
+
+def fit_state_dict(state_dict: StateDict, model: CoAtNet) -> tuple[StateDict, list[str]]:
+    """Check a state dict against a model and adapt it; returns (tensors, warnings).
+
+    Derived keys are dropped, tensors become float32, and bias tables trained at another
+    resolution are resized over the new grid (with a warning). Missing, unexpected or
+    wrongly shaped keys raise :class:`InputError` naming them.
+    """
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    tensors = {k: v for k, v in state_dict.items() if not k.endswith(DERIVED_KEYS)}
+    missing = [k for k in expected if k not in tensors and not k.endswith(DERIVED_KEYS)]
+    unexpected = [k for k in tensors if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s): {_names(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} key(s): {_names(unexpected)}")
+        raise InputError("checkpoint does not fit the model: " + "; ".join(parts)
+                         + " (check --variant, or the architecture options)")
+    warnings = []
+    wrong = [k for k in tensors if tensors[k].shape != expected[k]]
+    wrong_tables = [k for k in wrong if _is_bias_table(k)]
+    if wrong_tables:
+        source = trained_img_size(tensors)
+        if source is not None and len(wrong_tables) == len(wrong):
+            for key in wrong_tables:
+                stride = _stage_stride(key)
+                src = (2 * (source[0] // stride) - 1, 2 * (source[1] // stride) - 1)
+                dst = (2 * (model.img_size[0] // stride) - 1, 2 * (model.img_size[1] // stride) - 1)
+                tensors[key] = resize_bias_table(tensors[key], src, dst)
+            warnings.append(
+                f"checkpoint bias tables were trained at {source[0]}x{source[1]}; resized "
+                f"{len(wrong_tables)} table(s) to {model.img_size[0]}x{model.img_size[1]} "
+                "(bicubic): accuracy may change, fine-tune at the new size if it matters"
+            )
+            wrong = []
+    if wrong:
+        described = [f"{k} {tuple(tensors[k].shape)} != {tuple(expected[k])}" for k in wrong]
+        raise InputError(f"checkpoint does not fit the model: {len(wrong)} wrongly shaped "
+                         f"key(s): {_names(described, 3)} (checkpoint vs model)")
+    return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, warnings

@@ -1,0 +1,81 @@
+"""The description an export carries: in the ONNX model's metadata_props and in manifest.json."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+PRODUCER = "coatnet-export"
+
+
+@dataclass
+class ExportMetadata:
+    """Everything inference needs to reproduce preprocessing, and what produced the model."""
+
+    variant: str
+    architecture: dict[str, Any]
+    img_size: list[int]
+    in_channels: int
+    num_classes: int
+    mean: list[float]
+    std: list[float]
+    crop_pct: float
+    interpolation: str
+    resize: str
+    exporter: str
+    opset: int
+    batch: str
+    weights: str
+    weights_sha256: str
+    numerics: dict[str, bool]
+    versions: dict[str, str]
+    seed: int | None = None
+    checkpoint_format: str | None = None
+    labels: list[str] | None = None
+    quantization: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_props(self) -> dict[str, str]:
+        """metadata_props entries: strings as they are, everything else as JSON."""
+        props = {"producer": PRODUCER}
+        for key, value in asdict(self).items():
+            if value is None:
+                continue
+            props[key] = value if isinstance(value, str) else json.dumps(value)
+        return props
+
+    @classmethod
+    def from_props(cls, props: dict[str, str]) -> ExportMetadata:
+        """Parse metadata_props written by :meth:`to_props`; raises KeyError/ValueError if absent."""
+        if props.get("producer") != PRODUCER:
+            raise ValueError("the model has no coatnet-export metadata")
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in props:
+                continue
+            raw = props[f.name]
+            values[f.name] = raw if f.type in ("str", "str | None") else json.loads(raw)
+        return cls(**values)
+
+
+def write_props(model: onnx.ModelProto, metadata: ExportMetadata) -> None:
+    """Replace the model's metadata_props with ``metadata``."""
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, metadata.to_props())
+
+
+def read_metadata(path: Path) -> ExportMetadata:
+    """The metadata of an ONNX file on disk (weights are not loaded)."""
+    model = onnx.load(str(path), load_external_data=False)
+    return ExportMetadata.from_props({p.key: p.value for p in model.metadata_props})
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON atomically: to a temporary name beside ``path``, then rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,134 @@
+"""Build the PyTorch reference model for an export: from a checkpoint or from seeded weights."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+
+from coatnet_export.architecture import architecture_mismatches, infer_architecture
+from coatnet_export.checkpoint import Checkpoint, StateDict, fit_state_dict, trained_img_size
+from coatnet_export.lucid import convert_lucid_state_dict
+from coatnet_export.errors import InputError
+from models import (
+    CoAtNet,
+    ConfigError,
+    Numerics,
+    VariantSpec,
+    init_weights,
+    materialize,
+    refresh_derived_buffers,
+)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to build: an architecture at a resolution, with its input and output sizes."""
+
+    architecture: VariantSpec
+    img_size: tuple[int, int] = (224, 224)
+    in_channels: int = 3
+    num_classes: int = 1000
+    numerics: Numerics = Numerics()
+
+
+@dataclass
+class ReferenceModel:
+    """A ready, eval-mode reference model and where its weights came from."""
+
+    model: CoAtNet
+    spec: ModelSpec
+    weights: str
+    """Human-readable origin: the checkpoint path, or the seed."""
+    warnings: list[str] = field(default_factory=list)
+
+
+def build_meta(spec: ModelSpec) -> CoAtNet:
+    """The architecture on the meta device (no memory), with configuration errors as InputError."""
+    try:
+        return spec.architecture.build(spec.img_size, spec.num_classes, spec.in_channels,
+                                       spec.numerics, device="meta")
+    except ConfigError as exc:
+        raise InputError(str(exc)) from None
+
+
+def plan_model(
+    architecture: VariantSpec | None,
+    checkpoint: Checkpoint | None,
+    img_size: tuple[int, int] | None = None,
+    in_channels: int | None = None,
+    num_classes: int | None = None,
+) -> tuple[ModelSpec, StateDict | None]:
+    """Decide what to build, and bring the checkpoint's tensors into our layout.
+
+    Without a checkpoint the named architecture is used as it is. With one, the architecture
+    is read off its keys and shapes (and must agree with a named one, if given), the training
+    resolution off its bias tables, and the input channels and classes off its first and last
+    layers; explicit arguments win over what the checkpoint says. A lucid checkpoint switches
+    the model to lucid's numerics and has its tables converted.
+    """
+    if checkpoint is None:
+        if architecture is None:
+            raise InputError("give --variant, or a --checkpoint to read the architecture from")
+        return ModelSpec(architecture, img_size or (224, 224), in_channels or 3,
+                         num_classes or 1000), None
+    state_dict = checkpoint.state_dict
+    try:
+        found = infer_architecture(state_dict)
+    except (InputError, KeyError):
+        if architecture is None:
+            raise InputError(f"cannot read a CoAtNet architecture from {checkpoint.path}: its "
+                             "keys are not lucid's; pass --variant") from None
+        found = architecture  # the key-by-key check while loading names what is wrong
+    if architecture is not None:
+        mismatches = architecture_mismatches(architecture, found)
+        if mismatches:
+            raise InputError(f"{checkpoint.path} does not hold a {architecture.name}: "
+                             + "; ".join(mismatches))
+    trained = trained_img_size(state_dict)
+    numerics = Numerics()
+    if checkpoint.format == "lucid":
+        state_dict = convert_lucid_state_dict(state_dict, trained or img_size or (224, 224))
+        numerics = Numerics.lucid()
+    stem, head = state_dict.get("s0.0.0.weight"), state_dict.get("fc.weight")
+    spec = ModelSpec(architecture or found, img_size or trained or (224, 224),
+                     in_channels or (3 if stem is None else int(stem.shape[1])),
+                     num_classes or (1000 if head is None else int(head.shape[0])), numerics)
+    return spec, state_dict
+
+
+def load_reference(spec: ModelSpec, state_dict: StateDict | None, origin: str,
+                   seed: int) -> ReferenceModel:
+    """Build ``spec`` with the checkpoint's tensors, or seeded random weights without them.
+
+    The model is built on the meta device and the checkpoint's tensors are assigned in place,
+    so only one copy of the weights is ever in memory.
+    """
+    model = build_meta(spec)
+    if state_dict is None:
+        init_weights(materialize(model), seed)
+        return ReferenceModel(model.eval(), spec, f"seeded random weights (seed {seed})")
+    fitted, warnings = fit_state_dict(state_dict, model)
+    model.load_state_dict(fitted, strict=False, assign=True)
+    _zero_leftover_meta_buffers(model)
+    refresh_derived_buffers(model)
+    return ReferenceModel(model.eval(), spec, origin, warnings)
+
+
+def _zero_leftover_meta_buffers(model: CoAtNet) -> None:
+    """Bookkeeping buffers a checkpoint may omit (``num_batches_tracked``) get zeros."""
+    for module in model.modules():
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer is not None and buffer.is_meta:
+                module.register_buffer(name, torch.zeros(buffer.shape, dtype=buffer.dtype),
+                                       persistent=name in module.state_dict())
+
+
+def weights_sha256(model: CoAtNet) -> str:
+    """SHA-256 over the state dict's names and tensor bytes, in key order."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()

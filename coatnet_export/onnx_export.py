@@ -1,0 +1,84 @@
+"""Turn the (baked, folded) PyTorch model into an ONNX file with either torch exporter."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import sys
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from coatnet_export.console import quiet_libraries
+from models import CoAtNet
+
+Exporter = Literal["dynamo", "torchscript"]
+EXPORTERS: tuple[Exporter, ...] = ("dynamo", "torchscript")
+DEFAULT_OPSET: dict[Exporter, int] = {"dynamo": 20, "torchscript": 17}
+"""Opset 20 gives the dynamo exporter ONNX's own Gelu; the TorchScript exporter's GELU pattern
+is fused by onnxruntime at opset 17 already."""
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+BATCH_DIM = "batch"
+
+
+def export_onnx(
+    model: CoAtNet,
+    path: Path,
+    exporter: Exporter,
+    opset: int,
+    batch: int | None,
+    external_data: bool,
+) -> None:
+    """Export ``model`` to ``path``; ``batch=None`` makes the batch axis (only) dynamic.
+
+    ``external_data`` writes the weights to ``<path>.data`` beside the model (dynamo); the
+    TorchScript exporter always writes one file, which the packaging step converts if needed.
+    """
+    example = torch.zeros(2 if batch is None else batch, model.in_channels, *model.img_size)
+    with quiet_libraries(), torch.no_grad():
+        if exporter == "dynamo":
+            dynamic_shapes = None if batch is not None else (
+                {0: torch.export.Dim(BATCH_DIM, min=1, max=65536)},)
+            torch.onnx.export(
+                model, (example,), str(path), dynamo=True, opset_version=opset,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_shapes=dynamic_shapes, external_data=external_data, optimize=True,
+                verbose=False,
+            )
+        else:
+            dynamic_axes = None if batch is not None else {
+                INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}}
+            torch.onnx.export(
+                model, (example,), str(path), dynamo=False, opset_version=opset,
+                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                dynamic_axes=dynamic_axes, do_constant_folding=True,
+            )
+
+
+def release_exporter_memory() -> None:
+    """Let the weights of an exported model be freed, and hand freed memory back to the OS.
+
+    onnxscript's module-level rewrite rules keep their last match, which holds a node of the
+    exported graph and through it every weight of the model, after the export returns
+    (onnxscript 0.7). Resetting that state is what lets the reference model's memory go
+    before onnxruntime loads the same weights.
+    """
+    try:
+        from onnxscript.rewriter._matcher import SimplePatternMatcher
+    except ImportError:  # a future onnxscript without the module has nothing to reset
+        SimplePatternMatcher = ()  # noqa: N806
+    with warnings.catch_warnings():  # isinstance on every object wakes deprecated lazy modules
+        warnings.simplefilter("ignore")
+        matchers = [obj for obj in gc.get_objects() if isinstance(obj, SimplePatternMatcher)]
+    for matcher in matchers:
+        matcher._init_match(0)
+        matcher._graph = None
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -1,0 +1,243 @@
+"""The export command's data flow, top to bottom.
+
+build the reference -> record reference outputs -> bake biases, fold BatchNorm -> export ONNX ->
+free PyTorch -> package and check -> validate in onnxruntime -> publish (or reject).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import onnx
+import onnxruntime
+import torch
+
+import coatnet_export
+from coatnet_export.console import Progress
+from coatnet_export.errors import InputError
+from coatnet_export.metadata import ExportMetadata, write_json
+from coatnet_export.checkpoint import CheckpointFormat, read_checkpoint
+from coatnet_export.model_source import load_reference, plan_model, weights_sha256
+from coatnet_export.onnx_export import (
+    DEFAULT_OPSET,
+    Exporter,
+    export_onnx,
+    release_exporter_memory,
+)
+from coatnet_export.output import check_destination, publish, staging
+from coatnet_export.package import EXTERNAL_DATA_THRESHOLD, GraphSummary, package_model
+from coatnet_export.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from coatnet_export.transforms import bake_relative_biases, fold_batchnorms
+from models import VariantSpec
+from coatnet_export.validate import (
+    Case,
+    CaseResult,
+    Gates,
+    add_reference_outputs,
+    build_cases,
+    recorded_case,
+    validate_onnx,
+)
+
+MODEL_FILE = "model.onnx"
+MANIFEST_FILE = "manifest.json"
+VALIDATION_FILE = "validation.json"
+
+
+@dataclass
+class ExportOptions:
+    """Everything the export command was asked to do."""
+
+    architecture: VariantSpec | None
+    """A named architecture; None reads it from the checkpoint."""
+    output: Path | None = None
+    """None: ./<variant name>."""
+    img_size: tuple[int, int] | None = None
+    """None: the checkpoint's training resolution, or 224 x 224."""
+    in_channels: int | None = None
+    num_classes: int | None = None
+    checkpoint: Path | None = None
+    checkpoint_format: CheckpointFormat = "auto"
+    reference_outputs: Path | None = None
+    """An .npz of inputs ``x`` and outputs ``y`` recorded in the framework that trained the model."""
+    seed: int = 0
+    exporter: Exporter = "dynamo"
+    opset: int | None = None
+    batch: int | None = None
+    """None: dynamic batch axis; an integer fixes it."""
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    labels: list[str] | None = None
+    validate: bool = True
+    images: list[Path] = field(default_factory=list)
+    samples: int = 3
+    large_batch: int = 4
+    gates: Gates = Gates()
+    threads: int | None = None
+    force: bool = False
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
+
+
+@dataclass
+class ExportOutcome:
+    """What an export produced; ``passed`` is False when validation rejected the model."""
+
+    directory: Path
+    metadata: ExportMetadata
+    graph: GraphSummary
+    results: list[CaseResult]
+    passed: bool
+    baked_bias_bytes: int
+    folded_batchnorms: int
+    timings: dict[str, float]
+    warnings: list[str]
+    skipped_images: list[str]
+
+    def manifest(self) -> dict:
+        files = {name: (self.directory / name).stat().st_size for name in self.graph.files}
+        return {
+            "metadata": asdict(self.metadata),
+            "files": files,
+            "graph": asdict(self.graph),
+            "baked_bias_bytes": self.baked_bias_bytes,
+            "folded_batchnorms": self.folded_batchnorms,
+            "validation": self.validation_report(),
+            "timings_s": self.timings,
+            "warnings": self.warnings,
+        }
+
+    def validation_report(self) -> dict:
+        return {
+            "passed": self.passed,
+            "results": [r.as_dict() for r in self.results],
+            "skipped_images": self.skipped_images,
+        }
+
+
+def versions() -> dict[str, str]:
+    return {
+        "coatnet_export": coatnet_export.__version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def run_export(opts: ExportOptions, progress: Progress) -> ExportOutcome:
+    """Export, check and validate one model; the output directory appears only when it passes.
+
+    A model that fails validation is moved to ``<output>.rejected`` instead.
+    """
+    if opts.output is not None:
+        check_destination(opts.output, opts.force)
+    checkpoint = read_checkpoint(opts.checkpoint, opts.checkpoint_format) if opts.checkpoint else None
+    spec, state_dict = plan_model(opts.architecture, checkpoint, opts.img_size, opts.in_channels,
+                                  opts.num_classes)
+    checkpoint_format = checkpoint.format if checkpoint else None
+    del checkpoint
+    output = opts.output or Path(spec.architecture.name)
+    check_destination(output, opts.force)
+    try:
+        preprocessing = Preprocessing(spec.img_size, tuple(opts.mean), tuple(opts.std),
+                                      opts.crop_pct, opts.interpolation)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    if preprocessing.channels != spec.in_channels:
+        raise InputError(f"--mean/--std give {preprocessing.channels} channel(s) but the model "
+                         f"takes {spec.in_channels}")
+    if opts.labels is not None and len(opts.labels) != spec.num_classes:
+        raise InputError(f"the labels file has {len(opts.labels)} labels but the model has "
+                         f"{spec.num_classes} classes")
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    with progress.step(f"building {spec.architecture.name} at {spec.img_size[0]}x{spec.img_size[1]}"):
+        reference = load_reference(spec, state_dict, str(opts.checkpoint), opts.seed)
+        del state_dict
+        sha256 = weights_sha256(reference.model)
+    progress.note(f"weights: {reference.weights}")
+    warnings = reference.warnings
+    for warning in warnings:
+        progress.note(f"warning: {warning}")
+
+    cases: list[Case] = []
+    skipped: list[str] = []
+    if opts.validate:
+        with progress.step("computing PyTorch reference outputs"):
+            cases, skipped = build_cases(spec.in_channels, spec.img_size, opts.seed,
+                                         opts.samples, opts.batch, opts.large_batch,
+                                         opts.images, preprocessing)
+            if opts.reference_outputs:
+                cases.append(recorded_case(opts.reference_outputs, spec.in_channels,
+                                           spec.img_size, spec.num_classes, opts.batch))
+            add_reference_outputs(reference.model, cases)
+
+    with progress.step("baking relative biases and folding BatchNorm"):
+        bias_bytes = bake_relative_biases(reference.model)
+        folded = fold_batchnorms(reference.model)
+    progress.note(f"baked biases add {bias_bytes / 2**20:.1f} MiB; folded {folded} BatchNorms")
+
+    opset = opts.opset or DEFAULT_OPSET[opts.exporter]
+    metadata = ExportMetadata(
+        variant=spec.architecture.name, architecture=spec.architecture.as_dict(),
+        img_size=list(spec.img_size), in_channels=spec.in_channels,
+        num_classes=spec.num_classes, mean=list(preprocessing.mean), std=list(preprocessing.std),
+        crop_pct=preprocessing.crop_pct, interpolation=preprocessing.interpolation,
+        resize="scale to cover img_size / crop_pct keeping aspect, then centre crop",
+        exporter=opts.exporter, opset=opset,
+        batch="dynamic" if opts.batch is None else str(opts.batch),
+        weights=reference.weights, seed=None if opts.checkpoint else opts.seed,
+        checkpoint_format=checkpoint_format,
+        weights_sha256=sha256, numerics=spec.numerics.as_dict(),
+        versions=versions(), labels=opts.labels,
+    )
+
+    with staging(output) as stage:
+        model_path = stage / MODEL_FILE
+        with progress.step(f"exporting with the {opts.exporter} exporter (opset {opset})"):
+            export_onnx(reference.model, model_path, opts.exporter, opset, opts.batch,
+                        external_data=_weight_bytes(reference.model) > opts.external_data_threshold)
+        del reference
+        release_exporter_memory()
+        with progress.step("packaging and checking the ONNX model"):
+            graph = package_model(model_path, metadata, opts.external_data_threshold)
+        timings["export_s"] = round(time.perf_counter() - clock, 2)
+
+        results: list[CaseResult] = []
+        if opts.validate:
+            with progress.step(f"validating {len(cases)} case(s) in onnxruntime"):
+                results = validate_onnx(model_path, cases, opts.gates, threads=opts.threads,
+                                        low_memory=graph.external_data)
+        passed = all(r.passed for r in results)
+        timings["total_s"] = round(time.perf_counter() - clock, 2)
+        outcome = ExportOutcome(stage, metadata, graph, results, passed, bias_bytes, folded,
+                                timings, warnings + reference_warnings(metadata, skipped), skipped)
+        write_json(stage / MANIFEST_FILE, outcome.manifest())
+        write_json(stage / VALIDATION_FILE, outcome.validation_report())
+        destination = output if passed else rejected_path(output)
+        publish(stage, destination)
+        outcome.directory = destination
+    return outcome
+
+
+def rejected_path(output: Path) -> Path:
+    """Where a model that failed validation is kept for inspection."""
+    return output.with_name(output.name + ".rejected")
+
+
+def reference_warnings(metadata: ExportMetadata, skipped: list[str]) -> list[str]:
+    warnings = []
+    if metadata.weights.startswith("seeded"):
+        warnings.append("exported seeded random weights, not a trained model (pass --checkpoint)")
+    if skipped:
+        warnings.append(f"skipped {len(skipped)} unreadable image(s)")
+    return warnings
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    tensors = list(model.parameters()) + [b for b in model.buffers() if b is not None]
+    return sum(t.nbytes for t in tensors)

@@ -1,0 +1,103 @@
+"""Image preprocessing shared by validation, calibration and inference.
+
+This module imports only numpy, Pillow and the standard library, so that the edge inference
+script can use the very same code without torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes a model input: resize to cover, centre crop, scale, normalise.
+
+    The image is scaled (keeping its aspect ratio) until it covers ``size / crop_pct``, centre
+    cropped to ``size``, converted to floats in [0, 1], then normalised by ``mean``/``std``.
+    """
+
+    size: tuple[int, int]
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"mean has {len(self.mean)} values but std has {len(self.std)}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std values must be positive, got {self.std}")
+        if not 0 < self.crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, "
+                             f"got {self.interpolation!r}")
+
+    @property
+    def channels(self) -> int:
+        return len(self.mean)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """A (channels, height, width) float32 array for one decoded image."""
+        image = image.convert("L" if self.channels == 1 else "RGB")
+        height, width = self.size
+        scale = max(height / self.crop_pct / image.height, width / self.crop_pct / image.width)
+        resized_w = max(width, math.ceil(image.width * scale - 1e-6))
+        resized_h = max(height, math.ceil(image.height * scale - 1e-6))
+        image = image.resize((resized_w, resized_h), INTERPOLATIONS[self.interpolation])
+        left, top = (resized_w - width) // 2, (resized_h - height) // 2
+        image = image.crop((left, top, left + width, top + height))
+        pixels = np.asarray(image, dtype=np.float32) / 255.0
+        if pixels.ndim == 2:
+            pixels = pixels[:, :, None]
+        if pixels.shape[2] != self.channels:
+            raise ValueError(f"image has {pixels.shape[2]} channels, the model takes {self.channels}")
+        mean = np.asarray(self.mean, dtype=np.float32)
+        std = np.asarray(self.std, dtype=np.float32)
+        return ((pixels - mean) / std).transpose(2, 0, 1).copy()
+
+
+def list_images(paths: Iterable[Path]) -> list[Path]:
+    """Files named by ``paths``, with directories expanded to their image files (sorted)."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*")
+                                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            found.append(path)
+    return found
+
+
+def load_images(
+    paths: Iterable[Path], preprocessing: Preprocessing
+) -> Iterator[tuple[Path, np.ndarray | None, str | None]]:
+    """Yield (path, array, None) for each readable image and (path, None, reason) otherwise."""
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.load()
+                yield path, preprocessing(image), None
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            yield path, None, reason

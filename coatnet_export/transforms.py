@@ -1,0 +1,59 @@
+"""Exact rewrites of the PyTorch model before export: constant biases, folded BatchNorm."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from models import CoAtNet
+from models.coatnet import PreNorm
+
+
+def bake_relative_biases(model: CoAtNet) -> int:
+    """Replace every table lookup by its constant (heads, N, N) bias; returns the bytes added."""
+    return sum(a.bake_bias().nbytes for a in model.attention_blocks())
+
+
+@torch.no_grad()
+def fold_batchnorms(model: CoAtNet) -> int:
+    """Fold every eval-mode BatchNorm into an adjacent convolution; returns how many were folded.
+
+    A BatchNorm right after a convolution is folded into it (torch's own fusion). The
+    pre-norm BatchNorm of an MBConv block is folded into the block's first convolution, a
+    1x1 without padding, where the per-channel affine on its input is exact.
+    """
+    folded = 0
+    for module in list(model.modules()):
+        if isinstance(module, nn.Sequential):
+            for i in range(len(module) - 1):
+                conv, bn = module[i], module[i + 1]
+                if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                    module[i] = fuse_conv_bn_eval(conv, bn)
+                    module[i + 1] = nn.Identity().train(bn.training)
+                    folded += 1
+        if (isinstance(module, PreNorm) and isinstance(module.norm, nn.BatchNorm2d)
+                and isinstance(module.fn, nn.Sequential) and _is_pointwise(module.fn[0])):
+            module.fn[0] = _fold_input_affine(module.fn[0], module.norm)
+            module.norm = nn.Identity().train(module.norm.training)
+            folded += 1
+    return folded
+
+
+def _is_pointwise(module: nn.Module) -> bool:
+    return (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1)
+            and module.padding == (0, 0) and module.groups == 1)
+
+
+def _fold_input_affine(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """conv(bn(x)) as one convolution: W' = W * s over input channels, b' = b + W @ t."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias - bn.running_mean * scale
+    weight = conv.weight * scale[None, :, None, None]
+    bias = conv.weight.flatten(1) @ shift
+    if conv.bias is not None:
+        bias = bias + conv.bias
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, 1, stride=conv.stride, bias=True)
+    fused.weight = nn.Parameter(weight)
+    fused.bias = nn.Parameter(bias)
+    return fused.train(conv.training)

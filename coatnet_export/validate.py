@@ -1,0 +1,191 @@
+"""Parity between the PyTorch reference and the exported model in onnxruntime."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from coatnet_export.errors import InputError
+from coatnet_export.preprocess import Preprocessing, list_images, load_images
+from models import CoAtNet
+
+
+@dataclass(frozen=True)
+class Gates:
+    """Pass criteria of a parity check."""
+
+    max_rel_error: float = 1e-4
+    """Largest |onnx - torch| allowed, relative to the largest |logit| of the reference."""
+    min_top1: float = 1.0
+    """Smallest fraction of samples whose top-1 class must agree."""
+
+
+@dataclass
+class Case:
+    """One input batch and the reference outputs for it."""
+
+    name: str
+    inputs: np.ndarray
+    reference: np.ndarray | None = None
+    gates: Gates | None = None
+    """Gates of this case, where they differ from the run's."""
+
+
+@dataclass
+class CaseResult:
+    """Agreement of one case between the reference and the candidate outputs."""
+
+    case: str
+    batch: int
+    max_abs: float
+    max_rel: float
+    mean_abs: float
+    min_cosine: float
+    top1: float
+    top5: float
+    nonfinite: int
+    passed: bool
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def random_cases(in_channels: int, img_size: tuple[int, int], seed: int, samples: int,
+                 batch: int | None, large_batch: int) -> list[Case]:
+    """``samples`` single inputs and one batch of ``large_batch`` (or exactly ``batch`` each)."""
+    rng = np.random.default_rng(seed)
+    shape = (in_channels, *img_size)
+    single = batch or 1
+    cases = [Case(f"random #{i + 1}", rng.standard_normal((single, *shape), dtype=np.float32))
+             for i in range(samples)]
+    if batch is None and large_batch > 1:
+        cases.append(Case(f"random batch of {large_batch}",
+                          rng.standard_normal((large_batch, *shape), dtype=np.float32)))
+    return cases
+
+
+def image_cases(images: list[np.ndarray], batch: int | None, large_batch: int) -> list[Case]:
+    """Real images, grouped into batches (padded by repetition to a fixed batch size)."""
+    size = batch or max(1, large_batch)
+    cases = []
+    for start in range(0, len(images), size):
+        group = images[start:start + size]
+        if batch is not None:
+            group = group + [group[-1]] * (batch - len(group))
+        cases.append(Case(f"images {start + 1}-{start + len(images[start:start + size])}",
+                          np.stack(group)))
+    return cases
+
+
+def build_cases(in_channels: int, img_size: tuple[int, int], seed: int, samples: int,
+                batch: int | None, large_batch: int, image_paths: list[Path],
+                preprocessing: Preprocessing) -> tuple[list[Case], list[str]]:
+    """Random cases plus cases of real images; returns the cases and the unreadable images."""
+    images, skipped = [], []
+    for path, array, reason in load_images(list_images(image_paths), preprocessing):
+        if array is None:
+            skipped.append(f"{path}: {reason}")
+        else:
+            images.append(array)
+    if image_paths and not images:
+        raise InputError(f"no readable image in {', '.join(map(str, image_paths))}"
+                         + (f" ({len(skipped)} unreadable)" if skipped else ""))
+    cases = random_cases(in_channels, img_size, seed, samples, batch, large_batch)
+    return cases + image_cases(images, batch, large_batch), skipped
+
+
+RECORDED_GATES = Gates(max_rel_error=1e-5, min_top1=1.0)
+"""Gates against outputs recorded in the training framework (float32 ONNX vs its own numerics)."""
+
+
+def recorded_case(path: Path, in_channels: int, img_size: tuple[int, int], num_classes: int,
+                  batch: int | None) -> Case:
+    """A case whose reference comes from an ``.npz`` with inputs ``x`` and outputs ``y``."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            x, y = np.asarray(data["x"], np.float32), np.asarray(data["y"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"reference outputs {path} must be an .npz with arrays 'x' and 'y' "
+                         f"({exc})") from None
+    expected = (in_channels, *img_size)
+    if x.ndim != 4 or x.shape[1:] != expected or y.shape != (x.shape[0], num_classes):
+        raise InputError(f"reference outputs {path}: x {x.shape} and y {y.shape} do not fit a "
+                         f"model taking (N, {', '.join(map(str, expected))}) and giving "
+                         f"(N, {num_classes})")
+    if batch is not None and x.shape[0] != batch:
+        raise InputError(f"reference outputs {path} hold {x.shape[0]} inputs but the export has "
+                         f"a fixed batch of {batch}")
+    return Case(f"recorded outputs ({path.name})", x, y, RECORDED_GATES)
+
+
+@torch.no_grad()
+def add_reference_outputs(model: CoAtNet, cases: list[Case]) -> None:
+    """Fill each case's reference from the PyTorch model (before any export rewrite)."""
+    for case in cases:
+        if case.reference is None:
+            case.reference = model(torch.from_numpy(case.inputs)).float().numpy()
+
+
+def make_session(path: Path, threads: int | None = None, spinning: bool = True,
+                 low_memory: bool = False) -> ort.InferenceSession:
+    """A CPU session with every graph optimisation enabled.
+
+    ``low_memory`` skips weight pre-packing and the arena, so the weights are held once.
+    ``spinning=False`` stops idle worker threads from spinning, for fair interleaved timing.
+    """
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if low_memory:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        options.enable_cpu_mem_arena = False
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_session(session: ort.InferenceSession, inputs: np.ndarray) -> np.ndarray:
+    name = session.get_inputs()[0].name
+    return session.run(None, {name: inputs})[0]
+
+
+def compare(name: str, reference: np.ndarray, actual: np.ndarray, gates: Gates) -> CaseResult:
+    """Error statistics and top-k agreement of ``actual`` against ``reference`` logits."""
+    reference = reference.astype(np.float64)
+    actual = actual.astype(np.float64)
+    nonfinite = int((~np.isfinite(actual)).sum())
+    diff = np.abs(actual - reference)
+    scale = max(float(np.abs(reference).max()), 1e-12)
+    dot = (reference * actual).sum(axis=1)
+    norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(actual, axis=1)
+    cosine = np.where(norms > 0, dot / np.maximum(norms, 1e-300), 0.0)
+    k = min(5, reference.shape[1])
+    top_ref = np.argsort(-reference, axis=1)[:, :k]
+    top_act = np.argsort(-actual, axis=1)[:, :k]
+    top1 = float((top_ref[:, 0] == top_act[:, 0]).mean())
+    top5 = float(np.mean([set(a) == set(b) for a, b in zip(top_ref, top_act, strict=True)]))
+    max_abs = float(diff.max()) if nonfinite == 0 else float("inf")
+    max_rel = max_abs / scale
+    passed = nonfinite == 0 and max_rel <= gates.max_rel_error and top1 >= gates.min_top1
+    return CaseResult(name, reference.shape[0], max_abs, max_rel, float(diff.mean()),
+                      float(cosine.min()), top1, top5, nonfinite, passed)
+
+
+def validate_onnx(path: Path, cases: list[Case], gates: Gates, threads: int | None = None,
+                  low_memory: bool = False) -> list[CaseResult]:
+    """Run every case through onnxruntime and compare with its reference outputs."""
+    session = make_session(path, threads=threads, low_memory=low_memory)
+    results = [compare(case.name, case.reference, run_session(session, case.inputs),
+                       case.gates or gates) for case in cases]
+    del session
+    return results
+
+
+RESULT_COLUMNS = ("case", "batch", "max_abs", "max_rel", "mean_abs", "min_cosine", "top1", "top5",
+                  "nonfinite", "passed")
