@@ -19,7 +19,9 @@ _BLOCK = re.compile(r"^(s[0-4]|s3_tandem\.[01])\.(\d+)\.")
 
 
 def _depth(state_dict: StateDict, stage: str) -> int:
-    indices = {int(m.group(2)) for k in state_dict if (m := _BLOCK.match(k)) and m.group(1) == stage}
+    indices = {
+        int(m.group(2)) for k in state_dict if (m := _BLOCK.match(k)) and m.group(1) == stage
+    }
     return max(indices) + 1 if indices else 0
 
 
@@ -28,8 +30,10 @@ def _block_type(state_dict: StateDict, stage: str) -> str:
         return "C"
     if f"{stage}.0.attn.1.fn.to_qkv.weight" in state_dict:
         return "T"
-    raise InputError(f"checkpoint stage {stage} has neither MBConv nor Transformer blocks; is "
-                     "this a CoAtNet checkpoint?")
+    raise InputError(
+        f"checkpoint stage {stage} has neither MBConv nor Transformer blocks; is "
+        "this a CoAtNet checkpoint?"
+    )
 
 
 def _width(state_dict: StateDict, stage: str, block_type: str) -> int:
@@ -44,8 +48,10 @@ def infer_architecture(state_dict: StateDict) -> VariantSpec:
     heads from the bias tables, and a ``s3_tandem`` stage becomes a :class:`Tandem`.
     """
     if "s0.0.0.weight" not in state_dict or "fc.weight" not in state_dict:
-        raise InputError("checkpoint has no s0.0.0.weight or fc.weight: it is not a CoAtNet "
-                         "state dict with lucid's key names")
+        raise InputError(
+            "checkpoint has no s0.0.0.weight or fc.weight: it is not a CoAtNet "
+            "state dict with lucid's key names"
+        )
     tandem = None
     num_blocks = [_depth(state_dict, "s0")]
     channels = [int(state_dict["s0.0.0.weight"].shape[0])]
@@ -53,7 +59,10 @@ def infer_architecture(state_dict: StateDict) -> VariantSpec:
     for stage in ("s1", "s2", "s3", "s4"):
         if stage == "s3" and _depth(state_dict, "s3_tandem.0"):
             depths = (_depth(state_dict, "s3_tandem.0"), _depth(state_dict, "s3_tandem.1"))
-            widths = (_width(state_dict, "s3_tandem.0", "C"), _width(state_dict, "s3_tandem.1", "T"))
+            widths = (
+                _width(state_dict, "s3_tandem.0", "C"),
+                _width(state_dict, "s3_tandem.1", "T"),
+            )
             tandem = Tandem(depths, widths)
             num_blocks.append(depths[0])
             channels.append(widths[0])
@@ -68,18 +77,30 @@ def infer_architecture(state_dict: StateDict) -> VariantSpec:
         block_types.append(block_type)
     tables = [v for k, v in state_dict.items() if k.endswith("relative_bias_table")]
     num_heads = int(tables[0].shape[1]) if tables else 32
-    spec = VariantSpec(CUSTOM_NAME, tuple(num_blocks), tuple(channels), num_heads, tandem,
-                       tuple(block_types))
+    spec = VariantSpec(
+        CUSTOM_NAME, tuple(num_blocks), tuple(channels), num_heads, tandem, tuple(block_types)
+    )
     for name, known in VARIANTS.items():
         if _same_architecture(spec, known):
-            return VariantSpec(name, known.num_blocks, known.channels, known.num_heads,
-                               known.tandem, known.block_types)
+            return VariantSpec(
+                name,
+                known.num_blocks,
+                known.channels,
+                known.num_heads,
+                known.tandem,
+                known.block_types,
+            )
     return spec
 
 
 def _fields(spec: VariantSpec) -> dict[str, object]:
-    return {"num_blocks": spec.num_blocks, "channels": spec.channels,
-            "num_heads": spec.num_heads, "block_types": spec.block_types, "tandem": spec.tandem}
+    return {
+        "num_blocks": spec.num_blocks,
+        "channels": spec.channels,
+        "num_heads": spec.num_heads,
+        "block_types": spec.block_types,
+        "tandem": spec.tandem,
+    }
 
 
 def _same_architecture(a: VariantSpec, b: VariantSpec) -> bool:
@@ -96,8 +117,11 @@ def architecture_mismatches(requested: VariantSpec, found: VariantSpec) -> list[
     if _same_architecture(requested, found):
         return []
     mine, theirs = _fields(requested), _fields(found)
-    return [f"{key}: {requested.name} has {_show(mine[key])}, the checkpoint {_show(theirs[key])}"
-            for key in mine if mine[key] != theirs[key]]
+    return [
+        f"{key}: {requested.name} has {_show(mine[key])}, the checkpoint {_show(theirs[key])}"
+        for key in mine
+        if mine[key] != theirs[key]
+    ]
 
 
 def _show(value: object) -> str:

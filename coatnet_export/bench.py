@@ -1,4 +1,4 @@
-"""Fair latency measurement: interleaved runs, warm-up, percentiles, and the machine's matmul peak."""
+"""Fair latency measurement: interleaved runs, warm-up, percentiles, the machine's matmul peak."""
 
 from __future__ import annotations
 
@@ -35,8 +35,9 @@ class LatencyStats:
         return asdict(self)
 
 
-def time_interleaved(candidates: dict[str, Callable[[], object]], warmup: int,
-                     runs: int) -> dict[str, list[float]]:
+def time_interleaved(
+    candidates: dict[str, Callable[[], object]], warmup: int, runs: int
+) -> dict[str, list[float]]:
     """Seconds per call of each candidate, measured round-robin so drift hits all alike.
 
     Every candidate is warmed up first; each round then calls every candidate in turn,
@@ -58,29 +59,43 @@ def time_interleaved(candidates: dict[str, Callable[[], object]], warmup: int,
     return samples
 
 
-def summarize(name: str, seconds: list[float], batch: int, threads: int,
-              macs_per_image: int | None = None) -> LatencyStats:
+def summarize(
+    name: str, seconds: list[float], batch: int, threads: int, macs_per_image: int | None = None
+) -> LatencyStats:
     """Percentiles in milliseconds, throughput, and achieved GFLOP/s (2 FLOPs per MAC)."""
     ms = np.asarray(seconds) * 1000
     p50 = float(np.percentile(ms, 50))
     gflops = None if macs_per_image is None else 2 * macs_per_image * batch / (p50 / 1000) / 1e9
-    return LatencyStats(name, batch, threads, len(seconds), p50, float(np.percentile(ms, 90)),
-                        float(np.percentile(ms, 99)), batch / (p50 / 1000), gflops)
+    return LatencyStats(
+        name,
+        batch,
+        threads,
+        len(seconds),
+        p50,
+        float(np.percentile(ms, 90)),
+        float(np.percentile(ms, 99)),
+        batch / (p50 / 1000),
+        gflops,
+    )
 
 
 def matmul_peak_gflops(threads: int, n: int = 2048, runs: int = 10) -> float:
     """GFLOP/s of an n x n fp32 matmul in onnxruntime: the machine's practical peak."""
     spec = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, n]) for name in "ABC"]
-    graph = helper.make_graph([helper.make_node("MatMul", ["A", "B"], ["C"])], "matmul",
-                              spec[:2], spec[2:])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["A", "B"], ["C"])], "matmul", spec[:2], spec[2:]
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
     rng = np.random.default_rng(0)
-    feeds = {"A": rng.standard_normal((n, n), dtype=np.float32),
-             "B": rng.standard_normal((n, n), dtype=np.float32)}
+    feeds = {
+        "A": rng.standard_normal((n, n), dtype=np.float32),
+        "B": rng.standard_normal((n, n), dtype=np.float32),
+    }
     seconds = time_interleaved({"matmul": lambda: session.run(None, feeds)}, 2, runs)["matmul"]
     return 2 * n**3 / float(np.median(seconds)) / 1e9
 
@@ -98,13 +113,15 @@ class ProcessRun:
 def run_measured(argv: list[str], env: dict[str, str] | None = None) -> ProcessRun:
     """Run a command and measure its wall time and peak RSS (from the kernel's rusage)."""
     start = time.perf_counter()
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          env=env) as process:
+    with subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    ) as process:
         output = process.stdout.read() if process.stdout else ""
         _, status, usage = os.wait4(process.pid, 0)
         process.returncode = os.waitstatus_to_exitcode(status)
-    return ProcessRun(time.perf_counter() - start, usage.ru_maxrss * 1024, process.returncode,
-                      output)
+    return ProcessRun(
+        time.perf_counter() - start, usage.ru_maxrss * 1024, process.returncode, output
+    )
 
 
 @dataclass
@@ -143,9 +160,16 @@ def torch_target(model) -> BenchTarget:
     return BenchTarget("pytorch eager", make_runner)
 
 
-def benchmark(targets: list[BenchTarget], input_shape: tuple[int, int, int], batches: list[int],
-              threads: list[int], runs: int, warmup: int, macs_per_image: int | None,
-              progress: Callable[[str], None]) -> tuple[list[LatencyStats], dict[int, float]]:
+def benchmark(
+    targets: list[BenchTarget],
+    input_shape: tuple[int, int, int],
+    batches: list[int],
+    threads: list[int],
+    runs: int,
+    warmup: int,
+    macs_per_image: int | None,
+    progress: Callable[[str], None],
+) -> tuple[list[LatencyStats], dict[int, float]]:
     """Time every target at every batch size and thread count, interleaved within each setting."""
     rows: list[LatencyStats] = []
     peaks: dict[int, float] = {}
@@ -155,18 +179,27 @@ def benchmark(targets: list[BenchTarget], input_shape: tuple[int, int, int], bat
         peaks[thread_count] = matmul_peak_gflops(thread_count)
         runners = {t.name: t.make_runner(thread_count) for t in targets}
         for batch in batches:
-            progress(f"{thread_count} thread(s), batch {batch}: {len(targets)} target(s) x "
-                     f"{runs} runs")
+            progress(
+                f"{thread_count} thread(s), batch {batch}: {len(targets)} target(s) x {runs} runs"
+            )
             x = rng.standard_normal((batch, *input_shape), dtype=np.float32)
-            samples = time_interleaved({n: (lambda r=r: r(x)) for n, r in runners.items()},
-                                       warmup, runs)
-            rows += [summarize(n, s, batch, thread_count, macs_per_image)
-                     for n, s in samples.items()]
+            samples = time_interleaved(
+                {n: (lambda r=r, x=x: r(x)) for n, r in runners.items()}, warmup, runs
+            )
+            rows += [
+                summarize(n, s, batch, thread_count, macs_per_image) for n, s in samples.items()
+            ]
     return rows, peaks
 
 
-INT8_OPS = {"QuantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
-            "MatMulInteger", "ConvInteger"}
+INT8_OPS = {
+    "QuantizeLinear",
+    "DynamicQuantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "MatMulInteger",
+    "ConvInteger",
+}
 
 
 def describe_onnx(path) -> tuple[str, dict | None]:
@@ -190,8 +223,14 @@ class BenchPlan:
     macs_per_image: int
 
 
-def plan_bench(models: list, variant: str | None, img_size: tuple[int, int] | None,
-               with_torch: bool, workdir, say: Callable[[str], None]) -> BenchPlan:
+def plan_bench(
+    models: list,
+    variant: str | None,
+    img_size: tuple[int, int] | None,
+    with_torch: bool,
+    workdir,
+    say: Callable[[str], None],
+) -> BenchPlan:
     """Targets for ``coatnet-export bench``: the given ONNX models, and PyTorch eager."""
     from pathlib import Path
 
@@ -212,9 +251,15 @@ def plan_bench(models: list, variant: str | None, img_size: tuple[int, int] | No
         if architecture is None:
             raise InputError("give ONNX models to time, or --variant NAME")
         say(f"exporting {variant} (fp32) for the benchmark ...")
-        outcome = run_export(ExportOptions(architecture=architecture, output=Path(workdir) / variant,
-                                           img_size=img_size, validate=False),
-                             Progress(4, enabled=False))
+        outcome = run_export(
+            ExportOptions(
+                architecture=architecture,
+                output=Path(workdir) / variant,
+                img_size=img_size,
+                validate=False,
+            ),
+            Progress(4, enabled=False),
+        )
         paths.append(outcome.directory / "model.onnx")
     described = [(path, *describe_onnx(path)) for path in paths]
     metadata = next((m for _, _, m in described if m), None)
@@ -227,8 +272,9 @@ def plan_bench(models: list, variant: str | None, img_size: tuple[int, int] | No
     classes = metadata["num_classes"] if metadata else 1000
     targets, labels = [], {}
     if with_torch:
-        model = init_weights(materialize(architecture.build(size, classes, channels,
-                                                            device="meta")), 0).eval()
+        model = init_weights(
+            materialize(architecture.build(size, classes, channels, device="meta")), 0
+        ).eval()
         targets.append(torch_target(model))
         labels["pytorch eager"] = f"{architecture.name} (seeded weights)"
     for path, kind, _ in described:

@@ -63,19 +63,23 @@ def read_checkpoint(path: Path, fmt: CheckpointFormat = "auto") -> Checkpoint:
 def read_torch_state_dict(path: Path) -> StateDict:
     """Tensors of a ``.pt``/``.pth``/``.bin`` (weights only) or ``.safetensors`` file."""
     if not path.is_file():
-        raise InputError(f"checkpoint {path} does not exist (give the path of a .pt, .pth or "
-                         ".safetensors file)")
+        raise InputError(
+            f"checkpoint {path} does not exist (give the path of a .pt, .pth or .safetensors file)"
+        )
     if path.suffix == ".safetensors":
         try:
             return load_safetensors(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
-            raise InputError(f"checkpoint {path} is not a readable safetensors file ({exc})") from None
+            raise InputError(
+                f"checkpoint {path} is not a readable safetensors file ({exc})"
+            ) from None
     try:
         # memory-map zip checkpoints so big weights are not read twice; legacy pickles cannot be
         with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
             warnings.simplefilter("ignore")
-            loaded = torch.load(path, map_location="cpu", weights_only=True,
-                                mmap=zipfile.is_zipfile(path))
+            loaded = torch.load(
+                path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
+            )
     except pickle.UnpicklingError as exc:
         first_line = str(exc).strip().splitlines()[0]
         raise InputError(
@@ -95,15 +99,18 @@ def _as_state_dict(loaded: object, path: Path) -> StateDict:
                 loaded = loaded[key]
                 break
     if not isinstance(loaded, Mapping) or not loaded:
-        raise InputError(f"checkpoint {path} is not a state dict (expected a mapping of parameter "
-                         f"names to tensors, got {type(loaded).__name__})")
+        raise InputError(
+            f"checkpoint {path} is not a state dict (expected a mapping of parameter "
+            f"names to tensors, got {type(loaded).__name__})"
+        )
     not_tensors = [k for k, v in loaded.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
-        raise InputError(f"checkpoint {path} is not a state dict: {_names(not_tensors)} "
-                         "are not tensors")
+        raise InputError(
+            f"checkpoint {path} is not a state dict: {_names(not_tensors)} are not tensors"
+        )
     prefix = "module." if all(k.startswith("module.") for k in loaded) else ""
     # chinhsuanwu/coatnet-pytorch names the feed-forward Sequential "net" where lucid says "ff"
-    return {k[len(prefix):].replace(".fn.net.", ".fn.ff."): v for k, v in loaded.items()}
+    return {k[len(prefix) :].replace(".fn.net.", ".fn.ff."): v for k, v in loaded.items()}
 
 
 def _names(keys: list[str], limit: int = 4) -> str:
@@ -123,15 +130,17 @@ def trained_img_size(state_dict: StateDict) -> tuple[int, int] | None:
     """
     tables = {
         key: (state_dict[key].shape[0], _stage_stride(key))
-        for key in state_dict if _is_bias_table(key)
+        for key in state_dict
+        if _is_bias_table(key)
     }
     if not tables:
         return None
     sizes = range(32, 2049, 32)
     squares_first = [(h, h) for h in sizes] + [(h, w) for h in sizes for w in sizes if h != w]
     for height, width in squares_first:
-        if all((2 * (height // s) - 1) * (2 * (width // s) - 1) == rows
-               for rows, s in tables.values()):
+        if all(
+            (2 * (height // s) - 1) * (2 * (width // s) - 1) == rows for rows, s in tables.values()
+        ):
             return height, width
     return None
 
@@ -141,8 +150,9 @@ def _stage_stride(key: str) -> int:
     return STAGE_STRIDES[3] if stage == "s3_tandem" else STAGE_STRIDES[int(stage[1:])]
 
 
-def resize_bias_table(table: torch.Tensor, src_grid: tuple[int, int],
-                      dst_grid: tuple[int, int]) -> torch.Tensor:
+def resize_bias_table(
+    table: torch.Tensor, src_grid: tuple[int, int], dst_grid: tuple[int, int]
+) -> torch.Tensor:
     """Bicubic resize of a (rows, heads) table from one (2h-1, 2w-1) grid to another."""
     heads = table.shape[1]
     grid = table.float().T.reshape(1, heads, *src_grid)
@@ -167,8 +177,11 @@ def fit_state_dict(state_dict: StateDict, model: CoAtNet) -> tuple[StateDict, li
             parts.append(f"missing {len(missing)} key(s): {_names(missing)}")
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} key(s): {_names(unexpected)}")
-        raise InputError("checkpoint does not fit the model: " + "; ".join(parts)
-                         + " (check --variant, or the architecture options)")
+        raise InputError(
+            "checkpoint does not fit the model: "
+            + "; ".join(parts)
+            + " (check --variant, or the architecture options)"
+        )
     warnings = []
     wrong = [k for k in tensors if tensors[k].shape != expected[k]]
     wrong_tables = [k for k in wrong if _is_bias_table(k)]
@@ -188,6 +201,8 @@ def fit_state_dict(state_dict: StateDict, model: CoAtNet) -> tuple[StateDict, li
             wrong = []
     if wrong:
         described = [f"{k} {tuple(tensors[k].shape)} != {tuple(expected[k])}" for k in wrong]
-        raise InputError(f"checkpoint does not fit the model: {len(wrong)} wrongly shaped "
-                         f"key(s): {_names(described, 3)} (checkpoint vs model)")
+        raise InputError(
+            f"checkpoint does not fit the model: {len(wrong)} wrongly shaped "
+            f"key(s): {_names(described, 3)} (checkpoint vs model)"
+        )
     return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, warnings

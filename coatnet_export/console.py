@@ -53,13 +53,16 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def render_table(rows: Sequence[dict[str, Any]], columns: Sequence[str],
-                 headers: Sequence[str] | None = None) -> str:
+def render_table(
+    rows: Sequence[dict[str, Any]], columns: Sequence[str], headers: Sequence[str] | None = None
+) -> str:
     """A left-aligned text table of ``rows`` showing ``columns``."""
     headers = list(headers or columns)
     cells = [[format_value(row.get(c, "")) for c in columns] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
-              for i, h in enumerate(headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)
+    ]
+
     def join(values: Sequence[str]) -> str:
         return "  ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)).rstrip()
 
@@ -69,8 +72,10 @@ def render_table(rows: Sequence[dict[str, Any]], columns: Sequence[str],
 @contextlib.contextmanager
 def quiet_libraries():
     """Keep libraries' own chatter (exporter progress, quantizer logging) off the console."""
-    loggers = [logging.getLogger(name) for name in ("", "torch.onnx", "torch.export",
-                                                    "torch._dynamo", "onnxscript")]
+    loggers = [
+        logging.getLogger(name)
+        for name in ("", "torch.onnx", "torch.export", "torch._dynamo", "onnxscript")
+    ]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)

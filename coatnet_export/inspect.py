@@ -57,8 +57,9 @@ def describe(path: Path) -> dict[str, Any]:
     description: dict[str, Any] = {
         "path": str(model_path),
         "files": files,
-        "opset": max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
-                     default=0),
+        "opset": max(
+            (o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0
+        ),
         "inputs": {i.name: _shape(i) for i in proto.graph.input},
         "outputs": {o.name: _shape(o) for o in proto.graph.output},
         "nodes": len(proto.graph.node),

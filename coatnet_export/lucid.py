@@ -51,22 +51,31 @@ def read_lcd(path: Path) -> dict[str, np.ndarray]:
         with path.open("rb") as f:
             loaded = _LcdUnpickler(f).load()
     except _RefusedGlobal as exc:
-        raise InputError(f"refused to load {path}: its pickle names {exc}, but a lucid .lcd holds "
-                         "only numpy arrays and dictionaries (nothing was executed)") from None
+        raise InputError(
+            f"refused to load {path}: its pickle names {exc}, but a lucid .lcd holds "
+            "only numpy arrays and dictionaries (nothing was executed)"
+        ) from None
     except OSError as exc:
         raise InputError(f"cannot read {path} ({exc.strerror or exc})") from None
     except Exception as exc:  # truncated or corrupt pickles raise many types
-        raise InputError(f"{path} is not a readable lucid .lcd file (truncated or corrupt: "
-                         f"{type(exc).__name__})") from None
+        raise InputError(
+            f"{path} is not a readable lucid .lcd file (truncated or corrupt: {type(exc).__name__})"
+        ) from None
     content = loaded.get("content") if isinstance(loaded, Mapping) else None
     if not isinstance(content, Mapping):
-        raise InputError(f"{path} is not a lucid checkpoint: expected a dictionary with a "
-                         "'content' mapping of names to arrays")
-    bad = [k for k, v in content.items()
-           if not isinstance(k, str) or not isinstance(v, np.ndarray) or v.dtype.kind not in "fiub"]
+        raise InputError(
+            f"{path} is not a lucid checkpoint: expected a dictionary with a "
+            "'content' mapping of names to arrays"
+        )
+    bad = [
+        k
+        for k, v in content.items()
+        if not isinstance(k, str) or not isinstance(v, np.ndarray) or v.dtype.kind not in "fiub"
+    ]
     if bad:
-        raise InputError(f"{path} holds entries that are not numeric arrays: "
-                         f"{', '.join(map(str, bad[:4]))}")
+        raise InputError(
+            f"{path} holds entries that are not numeric arrays: {', '.join(map(str, bad[:4]))}"
+        )
     return dict(content)
 
 
@@ -76,12 +85,13 @@ def to_tensors(arrays: Mapping[str, np.ndarray]) -> StateDict:
 
 
 def looks_like_lucid(state_dict: Mapping[str, torch.Tensor]) -> bool:
-    """lucid saves the derived ``relative_index`` and float64 BatchNorm statistics; torch does not."""
+    """lucid saves the derived ``relative_index`` and float64 BatchNorm statistics; torch not."""
     if any(k.endswith("num_batches_tracked") for k in state_dict):
         return False
     return any(k.endswith("relative_index") for k in state_dict) or any(
         k.endswith(("running_mean", "running_var")) and v.dtype == torch.float64
-        for k, v in state_dict.items())
+        for k, v in state_dict.items()
+    )
 
 
 def convert_lucid_state_dict(state_dict: StateDict, trained_size: tuple[int, int]) -> StateDict:
@@ -92,9 +102,11 @@ def convert_lucid_state_dict(state_dict: StateDict, trained_size: tuple[int, int
     """
     height, width = trained_size
     if height != width:
-        raise InputError(f"this lucid checkpoint was trained at {height}x{width}; lucid's CoAtNet "
-                         "is only correct on square inputs (its relative index and head pooling "
-                         "are wrong on non-square maps), so there is nothing correct to export")
+        raise InputError(
+            f"this lucid checkpoint was trained at {height}x{width}; lucid's CoAtNet "
+            "is only correct on square inputs (its relative index and head pooling "
+            "are wrong on non-square maps), so there is nothing correct to export"
+        )
     converted = {}
     for key, tensor in state_dict.items():
         if key.endswith("relative_index"):

@@ -50,7 +50,7 @@ class ExportMetadata:
 
     @classmethod
     def from_props(cls, props: dict[str, str]) -> ExportMetadata:
-        """Parse metadata_props written by :meth:`to_props`; raises KeyError/ValueError if absent."""
+        """Parse metadata_props written by :meth:`to_props`; ValueError if they are not ours."""
         if props.get("producer") != PRODUCER:
             raise ValueError("the model has no coatnet-export metadata")
         values: dict[str, Any] = {}

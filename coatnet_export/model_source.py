@@ -9,8 +9,8 @@ import torch
 
 from coatnet_export.architecture import architecture_mismatches, infer_architecture
 from coatnet_export.checkpoint import Checkpoint, StateDict, fit_state_dict, trained_img_size
-from coatnet_export.lucid import convert_lucid_state_dict
 from coatnet_export.errors import InputError
+from coatnet_export.lucid import convert_lucid_state_dict
 from models import (
     CoAtNet,
     ConfigError,
@@ -30,7 +30,7 @@ class ModelSpec:
     img_size: tuple[int, int] = (224, 224)
     in_channels: int = 3
     num_classes: int = 1000
-    numerics: Numerics = Numerics()
+    numerics: Numerics = field(default_factory=Numerics)
 
 
 @dataclass
@@ -47,8 +47,9 @@ class ReferenceModel:
 def build_meta(spec: ModelSpec) -> CoAtNet:
     """The architecture on the meta device (no memory), with configuration errors as InputError."""
     try:
-        return spec.architecture.build(spec.img_size, spec.num_classes, spec.in_channels,
-                                       spec.numerics, device="meta")
+        return spec.architecture.build(
+            spec.img_size, spec.num_classes, spec.in_channels, spec.numerics, device="meta"
+        )
     except ConfigError as exc:
         raise InputError(str(exc)) from None
 
@@ -71,35 +72,44 @@ def plan_model(
     if checkpoint is None:
         if architecture is None:
             raise InputError("give --variant, or a --checkpoint to read the architecture from")
-        return ModelSpec(architecture, img_size or (224, 224), in_channels or 3,
-                         num_classes or 1000), None
+        return ModelSpec(
+            architecture, img_size or (224, 224), in_channels or 3, num_classes or 1000
+        ), None
     state_dict = checkpoint.state_dict
     try:
         found = infer_architecture(state_dict)
     except (InputError, KeyError):
         if architecture is None:
-            raise InputError(f"cannot read a CoAtNet architecture from {checkpoint.path}: its "
-                             "keys are not lucid's; pass --variant") from None
+            raise InputError(
+                f"cannot read a CoAtNet architecture from {checkpoint.path}: its "
+                "keys are not lucid's; pass --variant"
+            ) from None
         found = architecture  # the key-by-key check while loading names what is wrong
     if architecture is not None:
         mismatches = architecture_mismatches(architecture, found)
         if mismatches:
-            raise InputError(f"{checkpoint.path} does not hold a {architecture.name}: "
-                             + "; ".join(mismatches))
+            raise InputError(
+                f"{checkpoint.path} does not hold a {architecture.name}: " + "; ".join(mismatches)
+            )
     trained = trained_img_size(state_dict)
     numerics = Numerics()
     if checkpoint.format == "lucid":
         state_dict = convert_lucid_state_dict(state_dict, trained or img_size or (224, 224))
         numerics = Numerics.lucid()
     stem, head = state_dict.get("s0.0.0.weight"), state_dict.get("fc.weight")
-    spec = ModelSpec(architecture or found, img_size or trained or (224, 224),
-                     in_channels or (3 if stem is None else int(stem.shape[1])),
-                     num_classes or (1000 if head is None else int(head.shape[0])), numerics)
+    spec = ModelSpec(
+        architecture or found,
+        img_size or trained or (224, 224),
+        in_channels or (3 if stem is None else int(stem.shape[1])),
+        num_classes or (1000 if head is None else int(head.shape[0])),
+        numerics,
+    )
     return spec, state_dict
 
 
-def load_reference(spec: ModelSpec, state_dict: StateDict | None, origin: str,
-                   seed: int) -> ReferenceModel:
+def load_reference(
+    spec: ModelSpec, state_dict: StateDict | None, origin: str, seed: int
+) -> ReferenceModel:
     """Build ``spec`` with the checkpoint's tensors, or seeded random weights without them.
 
     The model is built on the meta device and the checkpoint's tensors are assigned in place,
@@ -121,8 +131,11 @@ def _zero_leftover_meta_buffers(model: CoAtNet) -> None:
     for module in model.modules():
         for name, buffer in list(module.named_buffers(recurse=False)):
             if buffer is not None and buffer.is_meta:
-                module.register_buffer(name, torch.zeros(buffer.shape, dtype=buffer.dtype),
-                                       persistent=name in module.state_dict())
+                module.register_buffer(
+                    name,
+                    torch.zeros(buffer.shape, dtype=buffer.dtype),
+                    persistent=name in module.state_dict(),
+                )
 
 
 def weights_sha256(model: CoAtNet) -> str:

@@ -42,21 +42,38 @@ def export_onnx(
     example = torch.zeros(2 if batch is None else batch, model.in_channels, *model.img_size)
     with quiet_libraries(), torch.no_grad():
         if exporter == "dynamo":
-            dynamic_shapes = None if batch is not None else (
-                {0: torch.export.Dim(BATCH_DIM, min=1, max=65536)},)
+            dynamic_shapes = (
+                None if batch is not None else ({0: torch.export.Dim(BATCH_DIM, min=1, max=65536)},)
+            )
             torch.onnx.export(
-                model, (example,), str(path), dynamo=True, opset_version=opset,
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_shapes=dynamic_shapes, external_data=external_data, optimize=True,
+                model,
+                (example,),
+                str(path),
+                dynamo=True,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=dynamic_shapes,
+                external_data=external_data,
+                optimize=True,
                 verbose=False,
             )
         else:
-            dynamic_axes = None if batch is not None else {
-                INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}}
+            dynamic_axes = (
+                None
+                if batch is not None
+                else {INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}}
+            )
             torch.onnx.export(
-                model, (example,), str(path), dynamo=False, opset_version=opset,
-                input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_axes=dynamic_axes, do_constant_folding=True,
+                model,
+                (example,),
+                str(path),
+                dynamo=False,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes=dynamic_axes,
+                do_constant_folding=True,
             )
 
 
@@ -71,7 +88,7 @@ def release_exporter_memory() -> None:
     try:
         from onnxscript.rewriter._matcher import SimplePatternMatcher
     except ImportError:  # a future onnxscript without the module has nothing to reset
-        SimplePatternMatcher = ()  # noqa: N806
+        SimplePatternMatcher = ()
     with warnings.catch_warnings():  # isinstance on every object wakes deprecated lazy modules
         warnings.simplefilter("ignore")
         matchers = [obj for obj in gc.get_objects() if isinstance(obj, SimplePatternMatcher)]

@@ -15,8 +15,9 @@ from coatnet_export.errors import InputError
 def check_destination(final: Path, force: bool) -> None:
     """Fail early if ``final`` exists (without ``force``) or its parent cannot be written."""
     if final.exists() and not force:
-        raise InputError(f"output {final} already exists; pass --force to replace it, or choose "
-                         "another --output")
+        raise InputError(
+            f"output {final} already exists; pass --force to replace it, or choose another --output"
+        )
     if final.exists() and not final.is_dir():
         raise InputError(f"output {final} exists and is not a directory")
     parent = final.parent
@@ -24,7 +25,9 @@ def check_destination(final: Path, force: bool) -> None:
         parent.mkdir(parents=True, exist_ok=True)
         probe = tempfile.mkdtemp(prefix=f".{final.name}.probe-", dir=parent)
     except OSError as exc:
-        raise InputError(f"output directory {parent} is not writable ({exc.strerror or exc})") from None
+        raise InputError(
+            f"output directory {parent} is not writable ({exc.strerror or exc})"
+        ) from None
     Path(probe).rmdir()
 
 

@@ -37,8 +37,9 @@ def data_file(model_path: Path) -> Path:
     return model_path.with_name(model_path.name + ".data")
 
 
-def package_model(path: Path, metadata: ExportMetadata,
-                  threshold: int = EXTERNAL_DATA_THRESHOLD) -> GraphSummary:
+def package_model(
+    path: Path, metadata: ExportMetadata, threshold: int = EXTERNAL_DATA_THRESHOLD
+) -> GraphSummary:
     """Rewrite ``path`` in place with ``metadata``, storing weights by size, then check it.
 
     Weights above ``threshold`` bytes live in one ``<name>.data`` file referenced relatively,
@@ -47,8 +48,9 @@ def package_model(path: Path, metadata: ExportMetadata,
     """
     model = onnx.load(str(path), load_external_data=False)
     weight_bytes = sum(_tensor_bytes(t) for t in model.graph.initializer)
-    exported_data = {_external_info(t)["location"] for t in model.graph.initializer
-                     if uses_external_data(t)}
+    exported_data = {
+        _external_info(t)["location"] for t in model.graph.initializer if uses_external_data(t)
+    }
     want_external = weight_bytes > threshold
     target = data_file(path)
     rewrite = exported_data != ({target.name} if want_external else set())
@@ -58,8 +60,15 @@ def package_model(path: Path, metadata: ExportMetadata,
             (path.parent / location).unlink()
     write_props(model, metadata)
     if want_external and rewrite:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=target.name, size_threshold=1024, convert_attribute=False)
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=target.name,
+            size_threshold=1024,
+            convert_attribute=False,
+        )
     else:  # one self-contained file, or a graph whose weights already sit in the right file
         onnx.save_model(model, str(path))
     return check_model(path)
@@ -86,8 +95,9 @@ def check_model(path: Path) -> GraphSummary:
         raise InputError(f"{path} fails the ONNX checker: {str(exc).splitlines()[0]}") from None
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         inferred_path = Path(tmp) / path.name
-        onnx.shape_inference.infer_shapes_path(str(path), str(inferred_path), check_type=True,
-                                               strict_mode=True, data_prop=True)
+        onnx.shape_inference.infer_shapes_path(
+            str(path), str(inferred_path), check_type=True, strict_mode=True, data_prop=True
+        )
         inferred = onnx.load(str(inferred_path), load_external_data=False)
     graph = inferred.graph
     constants = {t.name for t in graph.initializer}
@@ -98,6 +108,10 @@ def check_model(path: Path) -> GraphSummary:
     external = any(uses_external_data(t) for t in graph.initializer)
     files = [path.name] + ([data_file(path).name] if external else [])
     return GraphSummary(
-        nodes=len(graph.node), op_counts=dict(Counter(n.op_type for n in graph.node)),
-        table_lookups=lookups, output_shape=shape, external_data=external, files=files,
+        nodes=len(graph.node),
+        op_counts=dict(Counter(n.op_type for n in graph.node)),
+        table_lookups=lookups,
+        output_shape=shape,
+        external_data=external,
+        files=files,
     )

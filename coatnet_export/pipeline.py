@@ -15,10 +15,10 @@ import onnxruntime
 import torch
 
 import coatnet_export
+from coatnet_export.checkpoint import CheckpointFormat, read_checkpoint
 from coatnet_export.console import Progress
 from coatnet_export.errors import InputError
 from coatnet_export.metadata import ExportMetadata, write_json
-from coatnet_export.checkpoint import CheckpointFormat, read_checkpoint
 from coatnet_export.model_source import load_reference, plan_model, weights_sha256
 from coatnet_export.onnx_export import (
     DEFAULT_OPSET,
@@ -30,7 +30,6 @@ from coatnet_export.output import check_destination, publish, staging
 from coatnet_export.package import EXTERNAL_DATA_THRESHOLD, GraphSummary, package_model
 from coatnet_export.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from coatnet_export.transforms import bake_relative_biases, fold_batchnorms
-from models import VariantSpec
 from coatnet_export.validate import (
     Case,
     CaseResult,
@@ -40,6 +39,7 @@ from coatnet_export.validate import (
     recorded_case,
     validate_onnx,
 )
+from models import VariantSpec
 
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
@@ -61,7 +61,7 @@ class ExportOptions:
     checkpoint: Path | None = None
     checkpoint_format: CheckpointFormat = "auto"
     reference_outputs: Path | None = None
-    """An .npz of inputs ``x`` and outputs ``y`` recorded in the framework that trained the model."""
+    """An .npz of inputs ``x`` and outputs ``y`` recorded by the framework that trained it."""
     seed: int = 0
     exporter: Exporter = "dynamo"
     opset: int | None = None
@@ -76,7 +76,7 @@ class ExportOptions:
     images: list[Path] = field(default_factory=list)
     samples: int = 3
     large_batch: int = 4
-    gates: Gates = Gates()
+    gates: Gates = field(default_factory=Gates)
     threads: int | None = None
     force: bool = False
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
@@ -134,28 +134,38 @@ def run_export(opts: ExportOptions, progress: Progress) -> ExportOutcome:
     """
     if opts.output is not None:
         check_destination(opts.output, opts.force)
-    checkpoint = read_checkpoint(opts.checkpoint, opts.checkpoint_format) if opts.checkpoint else None
-    spec, state_dict = plan_model(opts.architecture, checkpoint, opts.img_size, opts.in_channels,
-                                  opts.num_classes)
+    checkpoint = (
+        read_checkpoint(opts.checkpoint, opts.checkpoint_format) if opts.checkpoint else None
+    )
+    spec, state_dict = plan_model(
+        opts.architecture, checkpoint, opts.img_size, opts.in_channels, opts.num_classes
+    )
     checkpoint_format = checkpoint.format if checkpoint else None
     del checkpoint
     output = opts.output or Path(spec.architecture.name)
     check_destination(output, opts.force)
     try:
-        preprocessing = Preprocessing(spec.img_size, tuple(opts.mean), tuple(opts.std),
-                                      opts.crop_pct, opts.interpolation)
+        preprocessing = Preprocessing(
+            spec.img_size, tuple(opts.mean), tuple(opts.std), opts.crop_pct, opts.interpolation
+        )
     except ValueError as exc:
         raise InputError(str(exc)) from None
     if preprocessing.channels != spec.in_channels:
-        raise InputError(f"--mean/--std give {preprocessing.channels} channel(s) but the model "
-                         f"takes {spec.in_channels}")
+        raise InputError(
+            f"--mean/--std give {preprocessing.channels} channel(s) but the model "
+            f"takes {spec.in_channels}"
+        )
     if opts.labels is not None and len(opts.labels) != spec.num_classes:
-        raise InputError(f"the labels file has {len(opts.labels)} labels but the model has "
-                         f"{spec.num_classes} classes")
+        raise InputError(
+            f"the labels file has {len(opts.labels)} labels but the model has "
+            f"{spec.num_classes} classes"
+        )
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
-    with progress.step(f"building {spec.architecture.name} at {spec.img_size[0]}x{spec.img_size[1]}"):
+    with progress.step(
+        f"building {spec.architecture.name} at {spec.img_size[0]}x{spec.img_size[1]}"
+    ):
         reference = load_reference(spec, state_dict, str(opts.checkpoint), opts.seed)
         del state_dict
         sha256 = weights_sha256(reference.model)
@@ -168,12 +178,26 @@ def run_export(opts: ExportOptions, progress: Progress) -> ExportOutcome:
     skipped: list[str] = []
     if opts.validate:
         with progress.step("computing PyTorch reference outputs"):
-            cases, skipped = build_cases(spec.in_channels, spec.img_size, opts.seed,
-                                         opts.samples, opts.batch, opts.large_batch,
-                                         opts.images, preprocessing)
+            cases, skipped = build_cases(
+                spec.in_channels,
+                spec.img_size,
+                opts.seed,
+                opts.samples,
+                opts.batch,
+                opts.large_batch,
+                opts.images,
+                preprocessing,
+            )
             if opts.reference_outputs:
-                cases.append(recorded_case(opts.reference_outputs, spec.in_channels,
-                                           spec.img_size, spec.num_classes, opts.batch))
+                cases.append(
+                    recorded_case(
+                        opts.reference_outputs,
+                        spec.in_channels,
+                        spec.img_size,
+                        spec.num_classes,
+                        opts.batch,
+                    )
+                )
             add_reference_outputs(reference.model, cases)
 
     with progress.step("baking relative biases and folding BatchNorm"):
@@ -183,24 +207,39 @@ def run_export(opts: ExportOptions, progress: Progress) -> ExportOutcome:
 
     opset = opts.opset or DEFAULT_OPSET[opts.exporter]
     metadata = ExportMetadata(
-        variant=spec.architecture.name, architecture=spec.architecture.as_dict(),
-        img_size=list(spec.img_size), in_channels=spec.in_channels,
-        num_classes=spec.num_classes, mean=list(preprocessing.mean), std=list(preprocessing.std),
-        crop_pct=preprocessing.crop_pct, interpolation=preprocessing.interpolation,
+        variant=spec.architecture.name,
+        architecture=spec.architecture.as_dict(),
+        img_size=list(spec.img_size),
+        in_channels=spec.in_channels,
+        num_classes=spec.num_classes,
+        mean=list(preprocessing.mean),
+        std=list(preprocessing.std),
+        crop_pct=preprocessing.crop_pct,
+        interpolation=preprocessing.interpolation,
         resize="scale to cover img_size / crop_pct keeping aspect, then centre crop",
-        exporter=opts.exporter, opset=opset,
+        exporter=opts.exporter,
+        opset=opset,
         batch="dynamic" if opts.batch is None else str(opts.batch),
-        weights=reference.weights, seed=None if opts.checkpoint else opts.seed,
+        weights=reference.weights,
+        seed=None if opts.checkpoint else opts.seed,
         checkpoint_format=checkpoint_format,
-        weights_sha256=sha256, numerics=spec.numerics.as_dict(),
-        versions=versions(), labels=opts.labels,
+        weights_sha256=sha256,
+        numerics=spec.numerics.as_dict(),
+        versions=versions(),
+        labels=opts.labels,
     )
 
     with staging(output) as stage:
         model_path = stage / MODEL_FILE
         with progress.step(f"exporting with the {opts.exporter} exporter (opset {opset})"):
-            export_onnx(reference.model, model_path, opts.exporter, opset, opts.batch,
-                        external_data=_weight_bytes(reference.model) > opts.external_data_threshold)
+            export_onnx(
+                reference.model,
+                model_path,
+                opts.exporter,
+                opset,
+                opts.batch,
+                external_data=_weight_bytes(reference.model) > opts.external_data_threshold,
+            )
         del reference
         release_exporter_memory()
         with progress.step("packaging and checking the ONNX model"):
@@ -210,12 +249,27 @@ def run_export(opts: ExportOptions, progress: Progress) -> ExportOutcome:
         results: list[CaseResult] = []
         if opts.validate:
             with progress.step(f"validating {len(cases)} case(s) in onnxruntime"):
-                results = validate_onnx(model_path, cases, opts.gates, threads=opts.threads,
-                                        low_memory=graph.external_data)
+                results = validate_onnx(
+                    model_path,
+                    cases,
+                    opts.gates,
+                    threads=opts.threads,
+                    low_memory=graph.external_data,
+                )
         passed = all(r.passed for r in results)
         timings["total_s"] = round(time.perf_counter() - clock, 2)
-        outcome = ExportOutcome(stage, metadata, graph, results, passed, bias_bytes, folded,
-                                timings, warnings + reference_warnings(metadata, skipped), skipped)
+        outcome = ExportOutcome(
+            stage,
+            metadata,
+            graph,
+            results,
+            passed,
+            bias_bytes,
+            folded,
+            timings,
+            warnings + reference_warnings(metadata, skipped),
+            skipped,
+        )
         write_json(stage / MANIFEST_FILE, outcome.manifest())
         write_json(stage / VALIDATION_FILE, outcome.validation_report())
         destination = output if passed else rejected_path(output)

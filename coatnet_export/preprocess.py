@@ -47,8 +47,10 @@ class Preprocessing:
         if not 0 < self.crop_pct <= 1:
             raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
         if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, "
-                             f"got {self.interpolation!r}")
+            raise ValueError(
+                f"interpolation must be one of {', '.join(INTERPOLATIONS)}, "
+                f"got {self.interpolation!r}"
+            )
 
     @property
     def channels(self) -> int:
@@ -71,7 +73,9 @@ class Preprocessing:
         if pixels.ndim == 2:
             pixels = pixels[:, :, None]
         if pixels.shape[2] != self.channels:
-            raise ValueError(f"image has {pixels.shape[2]} channels, the model takes {self.channels}")
+            raise ValueError(
+                f"image has {pixels.shape[2]} channels, the model takes {self.channels}"
+            )
         mean = np.asarray(self.mean, dtype=np.float32)
         std = np.asarray(self.std, dtype=np.float32)
         return ((pixels - mean) / std).transpose(2, 0, 1).copy()
@@ -82,8 +86,11 @@ def list_images(paths: Iterable[Path]) -> list[Path]:
     found: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*")
-                                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+            found.extend(
+                sorted(
+                    p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                )
+            )
         else:
             found.append(path)
     return found

@@ -45,8 +45,11 @@ from coatnet_export.validate import make_session, run_session
 
 INT8_FILE = "model.int8.onnx"
 REPORT_FILE = "quantization.json"
-CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                       "percentile": CalibrationMethod.Percentile}
+CALIBRATION_METHODS = {
+    "minmax": CalibrationMethod.MinMax,
+    "entropy": CalibrationMethod.Entropy,
+    "percentile": CalibrationMethod.Percentile,
+}
 TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
 
 
@@ -110,17 +113,36 @@ class QuantChoice:
 def choose_types(cpu: CpuInt8) -> QuantChoice:
     """onnxruntime's guidance per CPU: U8S8 everywhere, with reduce_range where it saturates."""
     if "avx512_vnni" in cpu.features or "avx_vnni" in cpu.features:
-        return QuantChoice("uint8", "int8", False, "x86 with VNNI: u8 x s8 dot products "
-                           "accumulate in 32 bits, no saturation; full 8-bit range")
+        return QuantChoice(
+            "uint8",
+            "int8",
+            False,
+            "x86 with VNNI: u8 x s8 dot products "
+            "accumulate in 32 bits, no saturation; full 8-bit range",
+        )
     if "asimddp" in cpu.features:
-        return QuantChoice("uint8", "int8", False, "ARM with dot-product instructions: u8/s8 "
-                           "products accumulate in 32 bits; full 8-bit range")
+        return QuantChoice(
+            "uint8",
+            "int8",
+            False,
+            "ARM with dot-product instructions: u8/s8 "
+            "products accumulate in 32 bits; full 8-bit range",
+        )
     if "avx2" in cpu.features or "avx512f" in cpu.features:
-        return QuantChoice("uint8", "int8", True, "x86 without VNNI: u8 x s8 pairs can saturate "
-                           "the 16-bit intermediate (vpmaddubsw); reduce_range keeps weights in "
-                           "7 bits, as onnxruntime advises")
-    return QuantChoice("uint8", "int8", True, f"no known int8 dot-product instructions on "
-                       f"{cpu.arch}; reduce_range for safety")
+        return QuantChoice(
+            "uint8",
+            "int8",
+            True,
+            "x86 without VNNI: u8 x s8 pairs can saturate "
+            "the 16-bit intermediate (vpmaddubsw); reduce_range keeps weights in "
+            "7 bits, as onnxruntime advises",
+        )
+    return QuantChoice(
+        "uint8",
+        "int8",
+        True,
+        f"no known int8 dot-product instructions on {cpu.arch}; reduce_range for safety",
+    )
 
 
 @dataclass
@@ -196,9 +218,13 @@ class ImageReader(CalibrationDataReader):
         self._iter = iter(self.arrays)
 
 
-def read_image_folder(folder: Path, preprocessing: Preprocessing, labels: list[str] | None,
-                      limit: int | None = None, skip: int = 0
-                      ) -> tuple[list[np.ndarray], list[int | None], int]:
+def read_image_folder(
+    folder: Path,
+    preprocessing: Preprocessing,
+    labels: list[str] | None,
+    limit: int | None = None,
+    skip: int = 0,
+) -> tuple[list[np.ndarray], list[int | None], int]:
     """Preprocessed images of a folder (sorted), their labels from class sub-folder names where
     those name a class, and how many files were unreadable."""
     if not folder.is_dir():
@@ -233,14 +259,26 @@ def compact_biases(model_path: Path) -> int:
     kept = []
     for tensor in model.graph.initializer:
         dims = list(tensor.dims)
-        if (tensor.data_type == TensorProto.FLOAT and len(dims) >= 3 and dims[-1] == dims[-2]
-                and dims[-1] >= 4 and consumers.get(tensor.name) == {"Add"}):
+        if (
+            tensor.data_type == TensorProto.FLOAT
+            and len(dims) >= 3
+            and dims[-1] == dims[-2]
+            and dims[-1] >= 4
+            and consumers.get(tensor.name) == {"Add"}
+        ):
             half = numpy_helper.to_array(tensor).astype(np.float16)
             fp16 = numpy_helper.from_array(half, tensor.name + "_fp16")
             kept.append(fp16)
-            model.graph.node.insert(0, helper.make_node("Cast", [fp16.name], [tensor.name],
-                                                        to=TensorProto.FLOAT,
-                                                        name=tensor.name + "_cast"))
+            model.graph.node.insert(
+                0,
+                helper.make_node(
+                    "Cast",
+                    [fp16.name],
+                    [tensor.name],
+                    to=TensorProto.FLOAT,
+                    name=tensor.name + "_cast",
+                ),
+            )
             saved += half.nbytes
             continue
         kept.append(tensor)
@@ -250,23 +288,33 @@ def compact_biases(model_path: Path) -> int:
     return saved
 
 
-def agreement(fp32: list[np.ndarray], int8: list[np.ndarray], targets: list[int | None]
-              ) -> Agreement:
+def agreement(
+    fp32: list[np.ndarray], int8: list[np.ndarray], targets: list[int | None]
+) -> Agreement:
     a, b = np.concatenate(fp32).astype(np.float64), np.concatenate(int8).astype(np.float64)
     k = min(5, a.shape[1])
     top_a, top_b = np.argsort(-a, 1)[:, :k], np.argsort(-b, 1)[:, :k]
     cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
     labelled = [(i, t) for i, t in enumerate(targets) if t is not None]
-    accuracy = (lambda top: float(np.mean([top[i, 0] == t for i, t in labelled]))
-                ) if labelled else (lambda top: None)
-    return Agreement(len(a), float((top_a[:, 0] == top_b[:, 0]).mean()),
-                     float(np.mean([set(x) == set(y) for x, y in zip(top_a, top_b, strict=True)])),
-                     float(cos.min()), float(np.abs(a - b).max()), accuracy(top_a),
-                     accuracy(top_b))
+    accuracy = (
+        (lambda top: float(np.mean([top[i, 0] == t for i, t in labelled])))
+        if labelled
+        else (lambda top: None)
+    )
+    return Agreement(
+        len(a),
+        float((top_a[:, 0] == top_b[:, 0]).mean()),
+        float(np.mean([set(x) == set(y) for x, y in zip(top_a, top_b, strict=True)])),
+        float(cos.min()),
+        float(np.abs(a - b).max()),
+        accuracy(top_a),
+        accuracy(top_b),
+    )
 
 
-def lowest_sqnr(float_path: Path, int8_path: Path, reader: ImageReader, workdir: Path,
-                count: int = 10) -> list[tuple[str, float]]:
+def lowest_sqnr(
+    float_path: Path, int8_path: Path, reader: ImageReader, workdir: Path, count: int = 10
+) -> list[tuple[str, float]]:
     """Tensors whose int8 values are furthest from fp32 (lowest SQNR in dB), worst first."""
     float_aug, int8_aug = workdir / "float.aug.onnx", workdir / "int8.aug.onnx"
     with quiet_libraries():
@@ -277,8 +325,11 @@ def lowest_sqnr(float_path: Path, int8_path: Path, reader: ImageReader, workdir:
         reader.rewind()
         int8_acts = collect_activations(str(int8_aug), reader)
         errors = compute_activation_error(create_activation_matching(int8_acts, float_acts))
-    scored = [(name, float(err["xmodel_err"])) for name, err in errors.items()
-              if "xmodel_err" in err and np.isfinite(err["xmodel_err"])]
+    scored = [
+        (name, float(err["xmodel_err"]))
+        for name, err in errors.items()
+        if "xmodel_err" in err and np.isfinite(err["xmodel_err"])
+    ]
     return sorted(scored, key=lambda item: item[1])[:count]
 
 
@@ -300,26 +351,46 @@ def _nearest_quantized(tensor: str, proto: onnx.ModelProto, excluded: set[str]) 
 def activation_matmuls(proto: onnx.ModelProto) -> list[str]:
     """MatMul nodes with no constant input: attention's q.k^T and weights.v products."""
     constants = {t.name for t in proto.graph.initializer}
-    return [n.name for n in proto.graph.node
-            if n.op_type == "MatMul" and not any(i in constants for i in n.input)]
+    return [
+        n.name
+        for n in proto.graph.node
+        if n.op_type == "MatMul" and not any(i in constants for i in n.input)
+    ]
 
 
-def quantize_once(pre: Path, out: Path, opts: QuantOptions, choice: QuantChoice,
-                  reader: ImageReader | None, exclude: list[str],
-                  recipe: Recipe = DEFAULT_RECIPE) -> None:
+def quantize_once(
+    pre: Path,
+    out: Path,
+    opts: QuantOptions,
+    choice: QuantChoice,
+    reader: ImageReader | None,
+    exclude: list[str],
+    recipe: Recipe = DEFAULT_RECIPE,
+) -> None:
     """One onnxruntime quantization of the prepared model ``pre`` into ``out``."""
     if opts.mode == "dynamic":
-        quantize_dynamic(str(pre), str(out), op_types_to_quantize=["MatMul", "Gemm"],
-                         per_channel=opts.per_channel, reduce_range=choice.reduce_range,
-                         weight_type=TYPES[choice.weight_type], nodes_to_exclude=exclude)
+        quantize_dynamic(
+            str(pre),
+            str(out),
+            op_types_to_quantize=["MatMul", "Gemm"],
+            per_channel=opts.per_channel,
+            reduce_range=choice.reduce_range,
+            weight_type=TYPES[choice.weight_type],
+            nodes_to_exclude=exclude,
+        )
         return
     reader.rewind()
     quantize_static(
-        str(pre), str(out), reader, quant_format=QuantFormat.QDQ,
+        str(pre),
+        str(out),
+        reader,
+        quant_format=QuantFormat.QDQ,
         op_types_to_quantize=None if recipe.op_types is None else list(recipe.op_types),
         per_channel=opts.per_channel,
-        reduce_range=choice.reduce_range, activation_type=TYPES[choice.activation_type],
-        weight_type=TYPES[choice.weight_type], nodes_to_exclude=exclude,
+        reduce_range=choice.reduce_range,
+        activation_type=TYPES[choice.activation_type],
+        weight_type=TYPES[choice.weight_type],
+        nodes_to_exclude=exclude,
         calibrate_method=CALIBRATION_METHODS[opts.method],
         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
     )
@@ -330,19 +401,29 @@ def outputs(path: Path, arrays: list[np.ndarray], threads: int | None) -> list[n
     return [run_session(session, a[None]) for a in arrays]
 
 
-def latency(fp32: Path, int8: Path, input_shape: tuple[int, ...], threads: int | None,
-            runs: int, batch: int = 1) -> dict[str, float]:
+def latency(
+    fp32: Path,
+    int8: Path,
+    input_shape: tuple[int, ...],
+    threads: int | None,
+    runs: int,
+    batch: int = 1,
+) -> dict[str, float]:
     """Median milliseconds of both models, timed interleaved."""
     x = np.random.default_rng(0).standard_normal((batch, *input_shape), dtype=np.float32)
-    sessions = {"fp32": make_session(fp32, threads, spinning=False),
-                "int8": make_session(int8, threads, spinning=False)}
-    samples = time_interleaved({k: (lambda s=s: run_session(s, x)) for k, s in sessions.items()},
-                               warmup=3, runs=runs)
+    sessions = {
+        "fp32": make_session(fp32, threads, spinning=False),
+        "int8": make_session(int8, threads, spinning=False),
+    }
+    samples = time_interleaved(
+        {k: (lambda s=s: run_session(s, x)) for k, s in sessions.items()}, warmup=3, runs=runs
+    )
     return {k: float(np.median(v) * 1000) for k, v in samples.items()}
 
 
-def run_quantize(target: Path, opts: QuantOptions, say, preprocessing: Preprocessing | None = None
-                 ) -> tuple[Path, QuantReport]:
+def run_quantize(
+    target: Path, opts: QuantOptions, say, preprocessing: Preprocessing | None = None
+) -> tuple[Path, QuantReport]:
     """Quantize the fp32 export at ``target``; writes ``model.int8.onnx`` and a report beside it."""
     from coatnet_export.inspect import resolve_model_path
 
@@ -353,11 +434,17 @@ def run_quantize(target: Path, opts: QuantOptions, say, preprocessing: Preproces
     metadata = metadata_of(proto)
     if preprocessing is None:
         if metadata is None:
-            raise InputError(f"{model_path} has no coatnet-export metadata, so its preprocessing "
-                             "is unknown: pass --size H W, --mean and --std")
-        preprocessing = Preprocessing(tuple(metadata.img_size), tuple(metadata.mean),
-                                      tuple(metadata.std), metadata.crop_pct,
-                                      metadata.interpolation)
+            raise InputError(
+                f"{model_path} has no coatnet-export metadata, so its preprocessing "
+                "is unknown: pass --size H W, --mean and --std"
+            )
+        preprocessing = Preprocessing(
+            tuple(metadata.img_size),
+            tuple(metadata.mean),
+            tuple(metadata.std),
+            metadata.crop_pct,
+            metadata.interpolation,
+        )
     labels = metadata.labels if metadata else None
     input_name = proto.graph.input[0].name
     input_shape = (preprocessing.channels, *preprocessing.size)
@@ -366,53 +453,72 @@ def run_quantize(target: Path, opts: QuantOptions, say, preprocessing: Preproces
     calibration: list[np.ndarray] = []
     if opts.mode == "static":
         if opts.calibration_data is not None:
-            calibration, _, bad = read_image_folder(opts.calibration_data, preprocessing, labels,
-                                                    limit=opts.samples)
+            calibration, _, bad = read_image_folder(
+                opts.calibration_data, preprocessing, labels, limit=opts.samples
+            )
             if bad:
                 notes.append(f"skipped {bad} unreadable calibration file(s)")
             if not calibration:
-                raise InputError(f"no usable image in {opts.calibration_data}"
-                                 + (f" ({bad} unreadable file(s))" if bad else ""))
+                raise InputError(
+                    f"no usable image in {opts.calibration_data}"
+                    + (f" ({bad} unreadable file(s))" if bad else "")
+                )
             source = f"{len(calibration)} images from {opts.calibration_data}"
         elif opts.random_calibration:
             rng = np.random.default_rng(opts.seed)
-            calibration = [rng.standard_normal(input_shape, dtype=np.float32)
-                           for _ in range(opts.samples)]
+            calibration = [
+                rng.standard_normal(input_shape, dtype=np.float32) for _ in range(opts.samples)
+            ]
             source = f"{opts.samples} random inputs"
-            notes.append("calibrated on random inputs: activation ranges of noise, not of "
-                         "images, usually cost accuracy; use --calibration-data")
+            notes.append(
+                "calibrated on random inputs: activation ranges of noise, not of "
+                "images, usually cost accuracy; use --calibration-data"
+            )
         else:
-            raise InputError("static quantization needs --calibration-data DIR (images "
-                             "preprocessed like inference); or --random-calibration, which costs "
-                             "accuracy, or --quantize dynamic")
+            raise InputError(
+                "static quantization needs --calibration-data DIR (images "
+                "preprocessed like inference); or --random-calibration, which costs "
+                "accuracy, or --quantize dynamic"
+            )
     else:
         source = "none (dynamic quantization)"
 
     if opts.eval_data is not None:
-        evaluation, targets, _ = read_image_folder(opts.eval_data, preprocessing, labels,
-                                                   limit=opts.eval_samples)
+        evaluation, targets, _ = read_image_folder(
+            opts.eval_data, preprocessing, labels, limit=opts.eval_samples
+        )
     elif opts.calibration_data is not None:
-        evaluation, targets, _ = read_image_folder(opts.calibration_data, preprocessing, labels,
-                                                   limit=opts.eval_samples, skip=len(calibration))
+        evaluation, targets, _ = read_image_folder(
+            opts.calibration_data,
+            preprocessing,
+            labels,
+            limit=opts.eval_samples,
+            skip=len(calibration),
+        )
     else:
         evaluation, targets = [], []
     if not evaluation:
         rng = np.random.default_rng(opts.seed + 1)
         evaluation = [rng.standard_normal(input_shape, dtype=np.float32) for _ in range(32)]
         targets = [None] * len(evaluation)
-        notes.append("no held-out images (give --eval-data DIR): agreement measured on random "
-                     "inputs")
+        notes.append(
+            "no held-out images (give --eval-data DIR): agreement measured on random inputs"
+        )
 
     cpu = CpuInt8.detect()
     choice = choose_types(cpu)
     if opts.activation_type or opts.weight_type or opts.reduce_range is not None:
-        choice = QuantChoice(opts.activation_type or choice.activation_type,
-                             opts.weight_type or choice.weight_type,
-                             choice.reduce_range if opts.reduce_range is None else opts.reduce_range,
-                             "set on the command line")
-    say(f"CPU {cpu.arch} [{', '.join(cpu.features) or 'no int8 features found'}]: activations "
+        choice = QuantChoice(
+            opts.activation_type or choice.activation_type,
+            opts.weight_type or choice.weight_type,
+            choice.reduce_range if opts.reduce_range is None else opts.reduce_range,
+            "set on the command line",
+        )
+    say(
+        f"CPU {cpu.arch} [{', '.join(cpu.features) or 'no int8 features found'}]: activations "
         f"{choice.activation_type}, weights {choice.weight_type}, reduce_range "
-        f"{choice.reduce_range} ({choice.reason})")
+        f"{choice.reduce_range} ({choice.reason})"
+    )
 
     output = model_path.parent / INT8_FILE
     try:
@@ -432,19 +538,30 @@ def run_quantize(target: Path, opts: QuantOptions, say, preprocessing: Preproces
         steps: list[list[str]] = []
         quantized = work / "int8.onnx"
         while True:
-            say(f"quantizing ({opts.mode}" + (f", {opts.method} calibration on {len(calibration)}"
-                                              " samples" if calibration else "")
-                + (f", {len(steps)} fallback step(s)" if steps else "") + ")")
+            say(
+                f"quantizing ({opts.mode}"
+                + (
+                    f", {opts.method} calibration on {len(calibration)} samples"
+                    if calibration
+                    else ""
+                )
+                + (f", {len(steps)} fallback step(s)" if steps else "")
+                + ")"
+            )
             with quiet_libraries():
                 quantize_once(pre, quantized, opts, choice, reader, exclude)
             compact = compact_biases(quantized)
             result = agreement(reference, outputs(quantized, evaluation, opts.threads), targets)
             say(f"top-1 agreement with fp32: {result.top1:.4f} on {result.samples} inputs")
-            if (result.top1 >= opts.min_top1 or opts.mode != "static"
-                    or len(steps) >= opts.max_fallback_steps):
+            if (
+                result.top1 >= opts.min_top1
+                or opts.mode != "static"
+                or len(steps) >= opts.max_fallback_steps
+            ):
                 break
-            worst = lowest_sqnr(pre, quantized, ImageReader(input_name, calibration[:8]), work,
-                                count=20)
+            worst = lowest_sqnr(
+                pre, quantized, ImageReader(input_name, calibration[:8]), work, count=20
+            )
             excluded = set(exclude)
             step = []
             for tensor, _ in worst:
@@ -461,15 +578,30 @@ def run_quantize(target: Path, opts: QuantOptions, say, preprocessing: Preproces
             exclude += step
         worst10: list[dict[str, float | str]] = []
         if opts.mode == "static":
-            worst10 = [{"tensor": t, "sqnr_db": s} for t, s in
-                       lowest_sqnr(pre, quantized, ImageReader(input_name, calibration[:8]), work)]
+            worst10 = [
+                {"tensor": t, "sqnr_db": s}
+                for t, s in lowest_sqnr(
+                    pre, quantized, ImageReader(input_name, calibration[:8]), work
+                )
+            ]
         say(f"timing fp32 against int8 ({opts.latency_runs} interleaved runs each)")
         timings = latency(model_path, quantized, input_shape, opts.threads, opts.latency_runs)
         passed = result.top1 >= opts.min_top1
         report = QuantReport(
-            opts.mode, choice, cpu, source, exclude, steps, result,
-            {"fp32": _file_bytes(model_path), "int8": _file_bytes(quantized)}, timings,
-            timings["fp32"] / timings["int8"], worst10, compact, passed, notes,
+            opts.mode,
+            choice,
+            cpu,
+            source,
+            exclude,
+            steps,
+            result,
+            {"fp32": _file_bytes(model_path), "int8": _file_bytes(quantized)},
+            timings,
+            timings["fp32"] / timings["int8"],
+            worst10,
+            compact,
+            passed,
+            notes,
         )
         final = onnx.load(str(quantized))
         if metadata is not None:
@@ -491,11 +623,17 @@ def run_quantize(target: Path, opts: QuantOptions, say, preprocessing: Preproces
 
 def metadata_quantization(report: QuantReport) -> dict:
     """The summary of a quantization recorded in the int8 model and the manifest."""
-    return {"mode": report.mode, "activation_type": report.choice.activation_type,
-            "weight_type": report.choice.weight_type, "reduce_range": report.choice.reduce_range,
-            "reason": report.choice.reason, "cpu_features": list(report.cpu.features),
-            "calibration": report.calibration, "excluded_nodes": report.excluded_nodes,
-            "top1_agreement": report.agreement.top1}
+    return {
+        "mode": report.mode,
+        "activation_type": report.choice.activation_type,
+        "weight_type": report.choice.weight_type,
+        "reduce_range": report.choice.reduce_range,
+        "reason": report.choice.reason,
+        "cpu_features": list(report.cpu.features),
+        "calibration": report.calibration,
+        "excluded_nodes": report.excluded_nodes,
+        "top1_agreement": report.agreement.top1,
+    }
 
 
 def _file_bytes(path: Path) -> int:

@@ -33,42 +33,76 @@ class Revalidation:
         return all(r.passed for r in self.results)
 
     def report(self) -> dict:
-        return {"model": str(self.model_path), "passed": self.passed,
-                "results": [r.as_dict() for r in self.results], "warnings": self.warnings}
+        return {
+            "model": str(self.model_path),
+            "passed": self.passed,
+            "results": [r.as_dict() for r in self.results],
+            "warnings": self.warnings,
+        }
 
 
-def revalidate(path: Path, checkpoint: Path | None, images: list[Path], samples: int,
-               gates: Gates, threads: int | None, progress: Progress) -> Revalidation:
+def revalidate(
+    path: Path,
+    checkpoint: Path | None,
+    images: list[Path],
+    samples: int,
+    gates: Gates,
+    threads: int | None,
+    progress: Progress,
+) -> Revalidation:
     """Rebuild the reference the metadata describes and compare it with the ONNX model."""
     model_path = resolve_model_path(path)
     metadata = metadata_of(load_proto(model_path))
     if metadata is None:
-        raise InputError(f"{model_path} has no coatnet-export metadata, so its architecture is "
-                         "unknown; re-export it with coatnet-export")
+        raise InputError(
+            f"{model_path} has no coatnet-export metadata, so its architecture is "
+            "unknown; re-export it with coatnet-export"
+        )
     if checkpoint is None and metadata.seed is None:
         raise InputError(f"{model_path} was exported from {metadata.weights}; pass --checkpoint")
     architecture = VariantSpec.from_dict(metadata.architecture)
     img_size = (metadata.img_size[0], metadata.img_size[1])
     if checkpoint is None:
-        spec = ModelSpec(architecture, img_size, metadata.in_channels, metadata.num_classes,
-                         Numerics(**metadata.numerics))
+        spec = ModelSpec(
+            architecture,
+            img_size,
+            metadata.in_channels,
+            metadata.num_classes,
+            Numerics(**metadata.numerics),
+        )
         state_dict = None
     else:
         source = read_checkpoint(checkpoint, metadata.checkpoint_format or "auto")
-        spec, state_dict = plan_model(architecture, source, img_size, metadata.in_channels,
-                                      metadata.num_classes)
-    preprocessing = Preprocessing(tuple(metadata.img_size), tuple(metadata.mean),
-                                  tuple(metadata.std), metadata.crop_pct, metadata.interpolation)
+        spec, state_dict = plan_model(
+            architecture, source, img_size, metadata.in_channels, metadata.num_classes
+        )
+    preprocessing = Preprocessing(
+        tuple(metadata.img_size),
+        tuple(metadata.mean),
+        tuple(metadata.std),
+        metadata.crop_pct,
+        metadata.interpolation,
+    )
     batch = None if metadata.batch == "dynamic" else int(metadata.batch)
     warnings = []
     with progress.step("building the PyTorch reference"):
         reference = load_reference(spec, state_dict, str(checkpoint), metadata.seed or 0)
         if weights_sha256(reference.model) != metadata.weights_sha256:
-            warnings.append("these weights differ from the ones the model was exported from "
-                            f"({metadata.weights})")
+            warnings.append(
+                "these weights differ from the ones the model was exported from "
+                f"({metadata.weights})"
+            )
     with progress.step("computing PyTorch reference outputs"):
-        cases, skipped = build_cases(spec.in_channels, spec.img_size, metadata.seed or 0, samples,
-                                     batch, 4, images, preprocessing)
+        cases, skipped = build_cases(
+            spec.in_channels,
+            spec.img_size,
+            metadata.seed or 0,
+            samples,
+            batch,
+            4,
+            images,
+            preprocessing,
+        )
         add_reference_outputs(reference.model, cases)
         warnings += [f"skipped unreadable image {s}" for s in skipped]
     del reference, state_dict

@@ -32,8 +32,12 @@ def fold_batchnorms(model: CoAtNet) -> int:
                     module[i] = fuse_conv_bn_eval(conv, bn)
                     module[i + 1] = nn.Identity().train(bn.training)
                     folded += 1
-        if (isinstance(module, PreNorm) and isinstance(module.norm, nn.BatchNorm2d)
-                and isinstance(module.fn, nn.Sequential) and _is_pointwise(module.fn[0])):
+        if (
+            isinstance(module, PreNorm)
+            and isinstance(module.norm, nn.BatchNorm2d)
+            and isinstance(module.fn, nn.Sequential)
+            and _is_pointwise(module.fn[0])
+        ):
             module.fn[0] = _fold_input_affine(module.fn[0], module.norm)
             module.norm = nn.Identity().train(module.norm.training)
             folded += 1
@@ -41,8 +45,12 @@ def fold_batchnorms(model: CoAtNet) -> int:
 
 
 def _is_pointwise(module: nn.Module) -> bool:
-    return (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1)
-            and module.padding == (0, 0) and module.groups == 1)
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.kernel_size == (1, 1)
+        and module.padding == (0, 0)
+        and module.groups == 1
+    )
 
 
 def _fold_input_affine(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:

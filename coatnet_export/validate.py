@@ -54,17 +54,29 @@ class CaseResult:
         return asdict(self)
 
 
-def random_cases(in_channels: int, img_size: tuple[int, int], seed: int, samples: int,
-                 batch: int | None, large_batch: int) -> list[Case]:
+def random_cases(
+    in_channels: int,
+    img_size: tuple[int, int],
+    seed: int,
+    samples: int,
+    batch: int | None,
+    large_batch: int,
+) -> list[Case]:
     """``samples`` single inputs and one batch of ``large_batch`` (or exactly ``batch`` each)."""
     rng = np.random.default_rng(seed)
     shape = (in_channels, *img_size)
     single = batch or 1
-    cases = [Case(f"random #{i + 1}", rng.standard_normal((single, *shape), dtype=np.float32))
-             for i in range(samples)]
+    cases = [
+        Case(f"random #{i + 1}", rng.standard_normal((single, *shape), dtype=np.float32))
+        for i in range(samples)
+    ]
     if batch is None and large_batch > 1:
-        cases.append(Case(f"random batch of {large_batch}",
-                          rng.standard_normal((large_batch, *shape), dtype=np.float32)))
+        cases.append(
+            Case(
+                f"random batch of {large_batch}",
+                rng.standard_normal((large_batch, *shape), dtype=np.float32),
+            )
+        )
     return cases
 
 
@@ -73,17 +85,25 @@ def image_cases(images: list[np.ndarray], batch: int | None, large_batch: int) -
     size = batch or max(1, large_batch)
     cases = []
     for start in range(0, len(images), size):
-        group = images[start:start + size]
+        group = images[start : start + size]
         if batch is not None:
             group = group + [group[-1]] * (batch - len(group))
-        cases.append(Case(f"images {start + 1}-{start + len(images[start:start + size])}",
-                          np.stack(group)))
+        cases.append(
+            Case(f"images {start + 1}-{start + len(images[start : start + size])}", np.stack(group))
+        )
     return cases
 
 
-def build_cases(in_channels: int, img_size: tuple[int, int], seed: int, samples: int,
-                batch: int | None, large_batch: int, image_paths: list[Path],
-                preprocessing: Preprocessing) -> tuple[list[Case], list[str]]:
+def build_cases(
+    in_channels: int,
+    img_size: tuple[int, int],
+    seed: int,
+    samples: int,
+    batch: int | None,
+    large_batch: int,
+    image_paths: list[Path],
+    preprocessing: Preprocessing,
+) -> tuple[list[Case], list[str]]:
     """Random cases plus cases of real images; returns the cases and the unreadable images."""
     images, skipped = [], []
     for path, array, reason in load_images(list_images(image_paths), preprocessing):
@@ -92,8 +112,10 @@ def build_cases(in_channels: int, img_size: tuple[int, int], seed: int, samples:
         else:
             images.append(array)
     if image_paths and not images:
-        raise InputError(f"no readable image in {', '.join(map(str, image_paths))}"
-                         + (f" ({len(skipped)} unreadable)" if skipped else ""))
+        raise InputError(
+            f"no readable image in {', '.join(map(str, image_paths))}"
+            + (f" ({len(skipped)} unreadable)" if skipped else "")
+        )
     cases = random_cases(in_channels, img_size, seed, samples, batch, large_batch)
     return cases + image_cases(images, batch, large_batch), skipped
 
@@ -102,23 +124,29 @@ RECORDED_GATES = Gates(max_rel_error=1e-5, min_top1=1.0)
 """Gates against outputs recorded in the training framework (float32 ONNX vs its own numerics)."""
 
 
-def recorded_case(path: Path, in_channels: int, img_size: tuple[int, int], num_classes: int,
-                  batch: int | None) -> Case:
+def recorded_case(
+    path: Path, in_channels: int, img_size: tuple[int, int], num_classes: int, batch: int | None
+) -> Case:
     """A case whose reference comes from an ``.npz`` with inputs ``x`` and outputs ``y``."""
     try:
         with np.load(path, allow_pickle=False) as data:
             x, y = np.asarray(data["x"], np.float32), np.asarray(data["y"])
     except (OSError, ValueError, KeyError) as exc:
-        raise InputError(f"reference outputs {path} must be an .npz with arrays 'x' and 'y' "
-                         f"({exc})") from None
+        raise InputError(
+            f"reference outputs {path} must be an .npz with arrays 'x' and 'y' ({exc})"
+        ) from None
     expected = (in_channels, *img_size)
     if x.ndim != 4 or x.shape[1:] != expected or y.shape != (x.shape[0], num_classes):
-        raise InputError(f"reference outputs {path}: x {x.shape} and y {y.shape} do not fit a "
-                         f"model taking (N, {', '.join(map(str, expected))}) and giving "
-                         f"(N, {num_classes})")
+        raise InputError(
+            f"reference outputs {path}: x {x.shape} and y {y.shape} do not fit a "
+            f"model taking (N, {', '.join(map(str, expected))}) and giving "
+            f"(N, {num_classes})"
+        )
     if batch is not None and x.shape[0] != batch:
-        raise InputError(f"reference outputs {path} hold {x.shape[0]} inputs but the export has "
-                         f"a fixed batch of {batch}")
+        raise InputError(
+            f"reference outputs {path} hold {x.shape[0]} inputs but the export has "
+            f"a fixed batch of {batch}"
+        )
     return Case(f"recorded outputs ({path.name})", x, y, RECORDED_GATES)
 
 
@@ -130,8 +158,9 @@ def add_reference_outputs(model: CoAtNet, cases: list[Case]) -> None:
             case.reference = model(torch.from_numpy(case.inputs)).float().numpy()
 
 
-def make_session(path: Path, threads: int | None = None, spinning: bool = True,
-                 low_memory: bool = False) -> ort.InferenceSession:
+def make_session(
+    path: Path, threads: int | None = None, spinning: bool = True, low_memory: bool = False
+) -> ort.InferenceSession:
     """A CPU session with every graph optimisation enabled.
 
     ``low_memory`` skips weight pre-packing and the arena, so the weights are held once.
@@ -173,19 +202,46 @@ def compare(name: str, reference: np.ndarray, actual: np.ndarray, gates: Gates) 
     max_abs = float(diff.max()) if nonfinite == 0 else float("inf")
     max_rel = max_abs / scale
     passed = nonfinite == 0 and max_rel <= gates.max_rel_error and top1 >= gates.min_top1
-    return CaseResult(name, reference.shape[0], max_abs, max_rel, float(diff.mean()),
-                      float(cosine.min()), top1, top5, nonfinite, passed)
+    return CaseResult(
+        name,
+        reference.shape[0],
+        max_abs,
+        max_rel,
+        float(diff.mean()),
+        float(cosine.min()),
+        top1,
+        top5,
+        nonfinite,
+        passed,
+    )
 
 
-def validate_onnx(path: Path, cases: list[Case], gates: Gates, threads: int | None = None,
-                  low_memory: bool = False) -> list[CaseResult]:
+def validate_onnx(
+    path: Path,
+    cases: list[Case],
+    gates: Gates,
+    threads: int | None = None,
+    low_memory: bool = False,
+) -> list[CaseResult]:
     """Run every case through onnxruntime and compare with its reference outputs."""
     session = make_session(path, threads=threads, low_memory=low_memory)
-    results = [compare(case.name, case.reference, run_session(session, case.inputs),
-                       case.gates or gates) for case in cases]
+    results = [
+        compare(case.name, case.reference, run_session(session, case.inputs), case.gates or gates)
+        for case in cases
+    ]
     del session
     return results
 
 
-RESULT_COLUMNS = ("case", "batch", "max_abs", "max_rel", "mean_abs", "min_cosine", "top1", "top5",
-                  "nonfinite", "passed")
+RESULT_COLUMNS = (
+    "case",
+    "batch",
+    "max_abs",
+    "max_rel",
+    "mean_abs",
+    "min_cosine",
+    "top1",
+    "top5",
+    "nonfinite",
+    "passed",
+)
