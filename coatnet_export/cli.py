@@ -285,7 +285,6 @@ def quantize(target: Path, mode: str, size, mean, std, **kw) -> None:
     preprocessing = None
     if size is not None:
         preprocessing = Preprocessing(size, mean or IMAGENET_MEAN, std or IMAGENET_STD)
-    kw["threads"] = kw.get("threads")
     run_and_show_quantize(target, quant_options_from(kw, mode), preprocessing)
 
 

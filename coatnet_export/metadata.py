@@ -9,6 +9,8 @@ from typing import Any
 
 import onnx
 
+from coatnet_export.preprocess import Preprocessing
+
 PRODUCER = "coatnet-export"
 
 
@@ -39,6 +41,16 @@ class ExportMetadata:
     quantization: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def preprocessing(self) -> Preprocessing:
+        """The preprocessing the model was exported with."""
+        return Preprocessing(
+            (self.img_size[0], self.img_size[1]),
+            tuple(self.mean),
+            tuple(self.std),
+            self.crop_pct,
+            self.interpolation,
+        )
+
     def to_props(self) -> dict[str, str]:
         """metadata_props entries: strings as they are, everything else as JSON."""
         props = {"producer": PRODUCER}
@@ -66,12 +78,6 @@ def write_props(model: onnx.ModelProto, metadata: ExportMetadata) -> None:
     """Replace the model's metadata_props with ``metadata``."""
     del model.metadata_props[:]
     onnx.helper.set_model_props(model, metadata.to_props())
-
-
-def read_metadata(path: Path) -> ExportMetadata:
-    """The metadata of an ONNX file on disk (weights are not loaded)."""
-    model = onnx.load(str(path), load_external_data=False)
-    return ExportMetadata.from_props({p.key: p.value for p in model.metadata_props})
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

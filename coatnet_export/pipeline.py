@@ -143,7 +143,8 @@ def run_export(opts: ExportOptions, progress: Progress) -> ExportOutcome:
     checkpoint_format = checkpoint.format if checkpoint else None
     del checkpoint
     output = opts.output or Path(spec.architecture.name)
-    check_destination(output, opts.force)
+    if opts.output is None:  # the default name is known only now
+        check_destination(output, opts.force)
     try:
         preprocessing = Preprocessing(
             spec.img_size, tuple(opts.mean), tuple(opts.std), opts.crop_pct, opts.interpolation

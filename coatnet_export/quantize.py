@@ -392,6 +392,8 @@ def quantize_once(
         weight_type=TYPES[choice.weight_type],
         nodes_to_exclude=exclude,
         calibrate_method=CALIBRATION_METHODS[opts.method],
+        # not CalibMaxIntermediateOutputs: in onnxruntime 1.32 it drops every full chunk of
+        # samples without computing their ranges (MinMaxCalibrater.collect_data)
         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
     )
 
@@ -438,13 +440,7 @@ def run_quantize(
                 f"{model_path} has no coatnet-export metadata, so its preprocessing "
                 "is unknown: pass --size H W, --mean and --std"
             )
-        preprocessing = Preprocessing(
-            tuple(metadata.img_size),
-            tuple(metadata.mean),
-            tuple(metadata.std),
-            metadata.crop_pct,
-            metadata.interpolation,
-        )
+        preprocessing = metadata.preprocessing()
     labels = metadata.labels if metadata else None
     input_name = proto.graph.input[0].name
     input_shape = (preprocessing.channels, *preprocessing.size)

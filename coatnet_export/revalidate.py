@@ -11,7 +11,6 @@ from coatnet_export.console import Progress
 from coatnet_export.errors import InputError
 from coatnet_export.inspect import load_proto, metadata_of, resolve_model_path
 from coatnet_export.model_source import ModelSpec, load_reference, plan_model, weights_sha256
-from coatnet_export.preprocess import Preprocessing
 from coatnet_export.validate import (
     CaseResult,
     Gates,
@@ -76,13 +75,7 @@ def revalidate(
         spec, state_dict = plan_model(
             architecture, source, img_size, metadata.in_channels, metadata.num_classes
         )
-    preprocessing = Preprocessing(
-        tuple(metadata.img_size),
-        tuple(metadata.mean),
-        tuple(metadata.std),
-        metadata.crop_pct,
-        metadata.interpolation,
-    )
+    preprocessing = metadata.preprocessing()
     batch = None if metadata.batch == "dynamic" else int(metadata.batch)
     warnings = []
     with progress.step("building the PyTorch reference"):

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from coatnet_export.bench import run_measured
-from coatnet_export.console import Progress, render_table
+from coatnet_export.console import Progress, quiet_libraries, render_table
 from coatnet_export.pipeline import ExportOptions, run_export
 from coatnet_export.preprocess import Preprocessing
 from coatnet_export.quantize import (
@@ -157,15 +157,16 @@ def main() -> None:
             print(f"recipe {recipe.name} ...", file=sys.stderr)
             row: dict = {"recipe": recipe.name}
             int8 = work / f"c0.{recipe.name}.onnx"
-            quantize_once(
-                c0_pre,
-                int8,
-                options,
-                choice,
-                ImageReader("input", photos[:16]),
-                recipe.exclusions(load_proto(c0_pre)),
-                recipe,
-            )
+            with quiet_libraries():
+                quantize_once(
+                    c0_pre,
+                    int8,
+                    options,
+                    choice,
+                    ImageReader("input", photos[:16]),
+                    recipe.exclusions(load_proto(c0_pre)),
+                    recipe,
+                )
             compact_biases(int8)
             for batch in (1, 8):
                 ms = latency(c0, int8, (3, 224, 224), args.threads, args.runs, batch)
@@ -173,15 +174,16 @@ def main() -> None:
                 row[f"int8_ms_b{batch}"] = ms["int8"]
                 row[f"speedup_b{batch}"] = ms["fp32"] / ms["int8"]
             digits_int8 = work / f"digits.{recipe.name}.onnx"
-            quantize_once(
-                digits_pre,
-                digits_int8,
-                options,
-                choice,
-                ImageReader("input", calibration),
-                recipe.exclusions(load_proto(digits_pre)),
-                recipe,
-            )
+            with quiet_libraries():
+                quantize_once(
+                    digits_pre,
+                    digits_int8,
+                    options,
+                    choice,
+                    ImageReader("input", calibration),
+                    recipe.exclusions(load_proto(digits_pre)),
+                    recipe,
+                )
             compact_biases(digits_int8)
             agree = agreement(reference, outputs(digits_int8, held_out, args.threads), targets)
             row.update(

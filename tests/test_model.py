@@ -271,7 +271,9 @@ def test_full_coatnet_6_forward() -> None:
         y = model(torch.randn(1, 3, 224, 224))
     done = time.perf_counter()
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"coatnet_6: build+init {built - start:.1f} s, forward (batch 1) {done - built:.1f} s, "
-          f"peak RSS {peak_gib:.1f} GiB")
+    print(
+        f"coatnet_6: build+init {built - start:.1f} s, forward (batch 1) {done - built:.1f} s, "
+        f"peak RSS {peak_gib:.1f} GiB"
+    )
     assert y.shape == (1, 1000)
     assert torch.isfinite(y).all()
