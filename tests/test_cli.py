@@ -207,6 +207,13 @@ def test_info_on_foreign_model(tmp_path: Path, run_cli) -> None:
     assert missing.code == 2 and "no coatnet-export metadata" in missing.err
 
 
+def test_version_and_help(run_cli) -> None:
+    assert run_cli("--version").code == 0
+    result = run_cli("--help")
+    assert result.code == 0
+    assert all(c in result.out for c in ("export", "validate", "info", "quantize", "bench"))
+
+
 def test_variants_lists_counts(run_cli) -> None:
     result = run_cli("variants", "--json")
     rows = json.loads(result.out)
