@@ -93,8 +93,9 @@ def release_exporter_memory() -> None:
         warnings.simplefilter("ignore")
         matchers = [obj for obj in gc.get_objects() if isinstance(obj, SimplePatternMatcher)]
     for matcher in matchers:
-        matcher._init_match(0)
-        matcher._graph = None
+        with contextlib.suppress(AttributeError, TypeError):  # private API: best effort
+            matcher._init_match(0)
+            matcher._graph = None
     gc.collect()
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
