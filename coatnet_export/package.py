@@ -40,11 +40,12 @@ def data_file(model_path: Path) -> Path:
 def package_model(
     path: Path, metadata: ExportMetadata, threshold: int = EXTERNAL_DATA_THRESHOLD
 ) -> GraphSummary:
-    """Rewrite ``path`` in place with ``metadata``, storing weights by size, then check it.
+    """Rewrite ``path`` in place with ``metadata``, check it, and store its weights by size.
 
     Weights above ``threshold`` bytes live in one ``<name>.data`` file referenced relatively,
     so the pair can be moved together; smaller models become one self-contained file,
-    whatever the exporter wrote. Raises if the ONNX checker or shape inference fails.
+    whatever the exporter wrote. The checks run before weights are brought into the graph, so
+    they never hold a second copy. Raises if the ONNX checker or shape inference fails.
     """
     model = onnx.load(str(path), load_external_data=False)
     weight_bytes = sum(_tensor_bytes(t) for t in model.graph.initializer)
@@ -53,13 +54,15 @@ def package_model(
     }
     want_external = weight_bytes > threshold
     target = data_file(path)
-    rewrite = exported_data != ({target.name} if want_external else set())
-    if rewrite:  # bring every weight into memory, then store it the way we want
-        model = onnx.load(str(path), load_external_data=True)
-        for location in exported_data:
-            (path.parent / location).unlink()
     write_props(model, metadata)
-    if want_external and rewrite:
+    onnx.save_model(model, str(path))  # the graph; the weights stay where the exporter put them
+    summary = check_model(path)
+    if exported_data == ({target.name} if want_external else set()):
+        return summary
+    model = onnx.load(str(path), load_external_data=True)
+    for location in exported_data:
+        (path.parent / location).unlink()
+    if want_external:
         onnx.save_model(
             model,
             str(path),
@@ -69,9 +72,11 @@ def package_model(
             size_threshold=1024,
             convert_attribute=False,
         )
-    else:  # one self-contained file, or a graph whose weights already sit in the right file
+    else:
         onnx.save_model(model, str(path))
-    return check_model(path)
+    summary.external_data = want_external
+    summary.files = [path.name] + ([target.name] if want_external else [])
+    return summary
 
 
 def _tensor_bytes(tensor: onnx.TensorProto) -> int:

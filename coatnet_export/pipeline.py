@@ -239,7 +239,9 @@ def run_export(opts: ExportOptions, progress: Progress) -> ExportOutcome:
                 opts.exporter,
                 opset,
                 opts.batch,
-                external_data=_weight_bytes(reference.model) > opts.external_data_threshold,
+                # always beside the graph: dynamo then streams the weights to disk instead of
+                # building a protobuf copy; packaging brings small models back into one file
+                external_data=True,
             )
         del reference
         release_exporter_memory()
@@ -291,8 +293,3 @@ def reference_warnings(metadata: ExportMetadata, skipped: list[str]) -> list[str
     if skipped:
         warnings.append(f"skipped {len(skipped)} unreadable image(s)")
     return warnings
-
-
-def _weight_bytes(model: torch.nn.Module) -> int:
-    tensors = list(model.parameters()) + [b for b in model.buffers() if b is not None]
-    return sum(t.nbytes for t in tensors)
