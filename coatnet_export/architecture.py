@@ -80,16 +80,9 @@ def infer_architecture(state_dict: StateDict) -> VariantSpec:
     spec = VariantSpec(
         CUSTOM_NAME, tuple(num_blocks), tuple(channels), num_heads, tandem, tuple(block_types)
     )
-    for name, known in VARIANTS.items():
+    for known in VARIANTS.values():
         if _same_architecture(spec, known):
-            return VariantSpec(
-                name,
-                known.num_blocks,
-                known.channels,
-                known.num_heads,
-                known.tandem,
-                known.block_types,
-            )
+            return known
     return spec
 
 

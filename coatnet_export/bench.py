@@ -202,16 +202,13 @@ INT8_OPS = {
 }
 
 
-def describe_onnx(path) -> tuple[str, dict | None]:
+def describe_onnx(path):
     """A short label ("onnx fp32" / "onnx int8") and the coatnet-export metadata, if any."""
-    from dataclasses import asdict
-
     from coatnet_export.inspect import load_proto, metadata_of
 
     proto = load_proto(path)
     kind = "int8" if any(n.op_type in INT8_OPS for n in proto.graph.node) else "fp32"
-    metadata = metadata_of(proto)
-    return f"onnx {kind}", None if metadata is None else asdict(metadata)
+    return f"onnx {kind}", metadata_of(proto)
 
 
 @dataclass
@@ -264,12 +261,12 @@ def plan_bench(
     described = [(path, *describe_onnx(path)) for path in paths]
     metadata = next((m for _, _, m in described if m), None)
     if architecture is None and metadata is not None:
-        architecture = VariantSpec.from_dict(metadata["architecture"])
+        architecture = VariantSpec.from_dict(metadata.architecture)
     if architecture is None:
         raise InputError("the models carry no coatnet-export metadata: pass --variant")
-    size = img_size or (tuple(metadata["img_size"]) if metadata else (224, 224))
-    channels = metadata["in_channels"] if metadata else 3
-    classes = metadata["num_classes"] if metadata else 1000
+    size = img_size or (tuple(metadata.img_size) if metadata else (224, 224))
+    channels = metadata.in_channels if metadata else 3
+    classes = metadata.num_classes if metadata else 1000
     targets, labels = [], {}
     if with_torch:
         model = init_weights(
