@@ -29,7 +29,11 @@ from coatnet_export.onnx_export import (
 from coatnet_export.output import check_destination, publish, staging
 from coatnet_export.package import EXTERNAL_DATA_THRESHOLD, GraphSummary, package_model
 from coatnet_export.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from coatnet_export.transforms import bake_relative_biases, fold_batchnorms
+from coatnet_export.transforms import (
+    bake_relative_biases,
+    fold_attention_scales,
+    fold_batchnorms,
+)
 from coatnet_export.validate import (
     Case,
     CaseResult,
@@ -201,9 +205,10 @@ def run_export(opts: ExportOptions, progress: Progress) -> ExportOutcome:
                 )
             add_reference_outputs(reference.model, cases)
 
-    with progress.step("baking relative biases and folding BatchNorm"):
+    with progress.step("baking relative biases, folding BatchNorm and attention scales"):
         bias_bytes = bake_relative_biases(reference.model)
         folded = fold_batchnorms(reference.model)
+        fold_attention_scales(reference.model)
     progress.note(f"baked biases add {bias_bytes / 2**20:.1f} MiB; folded {folded} BatchNorms")
 
     opset = opts.opset or DEFAULT_OPSET[opts.exporter]

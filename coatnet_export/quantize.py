@@ -1,9 +1,9 @@
 """int8 quantization of an export for CPU inference, on top of onnxruntime.quantization.
 
-prepare (quant_pre_process) -> choose types for this CPU -> quantize (static QDQ with
-calibration images, or dynamic) -> store the baked biases as fp16 -> evaluate against fp32 on
-held-out images -> while the top-1 gate fails, return the lowest-SQNR tensors to float
-(qdq_loss_debug) and quantize again -> report.
+prepare (quant_graph.prepare) -> choose types for this CPU -> quantize (static QDQ with
+calibration images, or dynamic; quant_graph.Recipe picks the nodes) -> store the baked biases
+as fp16 -> evaluate against fp32 on held-out images -> while the top-1 gate fails, return the
+lowest-SQNR tensors to float (qdq_loss_debug) and quantize again -> report.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -33,7 +32,6 @@ from onnxruntime.quantization.qdq_loss_debug import (
     create_activation_matching,
     modify_model_output_intermediate_tensors,
 )
-from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from coatnet_export.bench import INT8_OPS, time_interleaved
 from coatnet_export.console import quiet_libraries
@@ -41,6 +39,13 @@ from coatnet_export.errors import InputError
 from coatnet_export.inspect import load_proto, metadata_of
 from coatnet_export.metadata import write_json, write_props
 from coatnet_export.preprocess import Preprocessing, list_images, load_images
+from coatnet_export.quant_graph import (
+    DEFAULT_RECIPE,
+    FALLBACK_OPS,
+    Recipe,
+    compact_biases,
+    prepare,
+)
 from coatnet_export.validate import make_session, run_session
 
 INT8_FILE = "model.int8.onnx"
@@ -51,33 +56,6 @@ CALIBRATION_METHODS = {
     "percentile": CalibrationMethod.Percentile,
 }
 TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Which operations static quantization turns into int8."""
-
-    name: str
-    op_types: tuple[str, ...] | None
-    """Op types to quantize; None is onnxruntime's default (every op it can quantize)."""
-    float_attention_matmuls: bool = True
-    """Keep attention's activation x activation MatMuls (q.k^T, weights.v) in float."""
-
-    def exclusions(self, proto: onnx.ModelProto) -> list[str]:
-        return activation_matmuls(proto) if self.float_attention_matmuls else []
-
-
-DEFAULT_RECIPE = Recipe("conv-matmul-gemm", ("Conv", "MatMul", "Gemm"))
-"""Quantize the arithmetic only; LayerNormalization, Softmax, GELU, the bias Add and residual
-Adds stay float (scripts/bench_quantize.py measures the alternatives)."""
-RECIPES = (
-    DEFAULT_RECIPE,
-    Recipe("conv-matmul-gemm+attention", ("Conv", "MatMul", "Gemm"), False),
-    Recipe("conv-matmul-gemm+add-mul", ("Conv", "MatMul", "Gemm", "Add", "Mul")),
-    Recipe("onnxruntime-default", None),
-)
-QUANTIZED_OPS = DEFAULT_RECIPE.op_types
-"""Op types the fallback can return to float."""
 
 
 @dataclass(frozen=True)
@@ -247,47 +225,6 @@ def is_quantized(proto: onnx.ModelProto) -> bool:
     return any(n.op_type in INT8_OPS or n.op_type == "DequantizeLinear" for n in proto.graph.node)
 
 
-def compact_biases(model_path: Path) -> int:
-    """Store large float32 constants that only feed Add nodes (the baked attention biases) as
-    fp16 with a Cast, which onnxruntime folds at session start; returns the bytes saved."""
-    model = onnx.load(str(model_path))
-    consumers: dict[str, set[str]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, set()).add(node.op_type)
-    saved = 0
-    kept = []
-    for tensor in model.graph.initializer:
-        dims = list(tensor.dims)
-        if (
-            tensor.data_type == TensorProto.FLOAT
-            and len(dims) >= 3
-            and dims[-1] == dims[-2]
-            and dims[-1] >= 4
-            and consumers.get(tensor.name) == {"Add"}
-        ):
-            half = numpy_helper.to_array(tensor).astype(np.float16)
-            fp16 = numpy_helper.from_array(half, tensor.name + "_fp16")
-            kept.append(fp16)
-            model.graph.node.insert(
-                0,
-                helper.make_node(
-                    "Cast",
-                    [fp16.name],
-                    [tensor.name],
-                    to=TensorProto.FLOAT,
-                    name=tensor.name + "_cast",
-                ),
-            )
-            saved += half.nbytes
-            continue
-        kept.append(tensor)
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
-    onnx.save(model, str(model_path))
-    return saved
-
-
 def agreement(
     fp32: list[np.ndarray], int8: list[np.ndarray], targets: list[int | None]
 ) -> Agreement:
@@ -342,20 +279,10 @@ def _nearest_quantized(tensor: str, proto: onnx.ModelProto, excluded: set[str]) 
         if node is None or node.name in seen:
             continue
         seen.add(node.name)
-        if node.op_type in QUANTIZED_OPS and node.name not in excluded:
+        if node.op_type in FALLBACK_OPS and node.name not in excluded:
             return node.name
         frontier.extend(node.input)
     return None
-
-
-def activation_matmuls(proto: onnx.ModelProto) -> list[str]:
-    """MatMul nodes with no constant input: attention's q.k^T and weights.v products."""
-    constants = {t.name for t in proto.graph.initializer}
-    return [
-        n.name
-        for n in proto.graph.node
-        if n.op_type == "MatMul" and not any(i in constants for i in n.input)
-    ]
 
 
 def quantize_once(
@@ -524,9 +451,8 @@ def run_quantize(
     work = Path(work_dir)
     try:
         pre = work / "pre.onnx"
-        say("preparing the fp32 model (quant_pre_process)")
-        with quiet_libraries():
-            quant_pre_process(str(model_path), str(pre), skip_symbolic_shape=True)
+        say("preparing the fp32 model (quant_pre_process, spatial means as pooling)")
+        prepare(model_path, pre)
         pre_proto = load_proto(pre)
         exclude = DEFAULT_RECIPE.exclusions(pre_proto) if opts.mode == "static" else []
         reader = ImageReader(input_name, calibration) if calibration else None

@@ -1,4 +1,5 @@
-"""Exact rewrites of the PyTorch model before export: constant biases, folded BatchNorm."""
+"""Exact rewrites of the PyTorch model before export: constant biases, folded BatchNorm and
+attention scale."""
 
 from __future__ import annotations
 
@@ -13,6 +14,18 @@ from models.coatnet import PreNorm
 def bake_relative_biases(model: CoAtNet) -> int:
     """Replace every table lookup by its constant (heads, N, N) bias; returns the bytes added."""
     return sum(a.bake_bias().nbytes for a in model.attention_blocks())
+
+
+def fold_attention_scales(model: CoAtNet) -> int:
+    """Move each attention block's score scale into its query weights; returns how many.
+
+    onnxruntime fuses the scale into the fp32 MatMul anyway, but an int8 model would keep it
+    as a float Mul over every (heads, N, N) score tensor.
+    """
+    blocks = model.attention_blocks()
+    for attention in blocks:
+        attention.fold_scale()
+    return len(blocks)
 
 
 @torch.no_grad()

@@ -25,14 +25,13 @@ from coatnet_export.bench import run_measured
 from coatnet_export.console import Progress, quiet_libraries, render_table
 from coatnet_export.pipeline import ExportOptions, run_export
 from coatnet_export.preprocess import Preprocessing
+from coatnet_export.quant_graph import RECIPES, compact_biases, prepare
 from coatnet_export.quantize import (
-    RECIPES,
     CpuInt8,
     ImageReader,
     QuantOptions,
     agreement,
     choose_types,
-    compact_biases,
     latency,
     load_proto,
     outputs,
@@ -62,10 +61,8 @@ def photo_crops(folder: Path, count: int) -> None:
 
 
 def prepared(model: Path, work: Path) -> Path:
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     pre = work / f"{model.parent.name}.pre.onnx"
-    quant_pre_process(str(model), str(pre), skip_symbolic_shape=True)
+    prepare(model, pre)
     return pre
 
 

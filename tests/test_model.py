@@ -161,6 +161,18 @@ def test_baked_bias_gives_identical_outputs() -> None:
         torch.testing.assert_close(model(x), before, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("numerics", [Numerics(), Numerics.lucid()])
+def test_folded_attention_scale_gives_the_same_outputs(numerics: Numerics) -> None:
+    model = seeded(CoAtNet((64, 96), **SMALL, numerics=numerics))
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        before = model(x)
+        for attention in model.attention_blocks():
+            attention.fold_scale()
+            assert attention.scale == 1.0
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+
+
 def test_bias_tables_matter() -> None:
     """Seeded tables are not zero, so a wrong index or a dropped bias changes the output."""
     model = seeded(CoAtNet((64, 64), **SMALL))

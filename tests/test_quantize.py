@@ -7,12 +7,16 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper
 
 from coatnet_export.console import Progress
 from coatnet_export.inspect import metadata_of
 from coatnet_export.pipeline import ExportOptions, run_export
+from coatnet_export.quant_graph import DEFAULT_RECIPE, non_gate_muls, prepare
 from coatnet_export.quantize import CpuInt8, choose_types
 from models import VariantSpec
 
@@ -85,6 +89,14 @@ def test_static_quantization_meets_the_accuracy_targets(tmp_path: Path, digits, 
     assert report["compact_bias_bytes"] > 0
     int8 = onnx.load(str(export / "model.int8.onnx"))
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in int8.graph.node}
+    # the squeeze-excitation pools and gates (three MBConv blocks) read int8 data
+    producer = {o: n.op_type for n in int8.graph.node for o in n.output}
+    int8_inputs = [
+        n.op_type
+        for n in int8.graph.node
+        if all(producer.get(i) == "DequantizeLinear" for i in n.input)
+    ]
+    assert int8_inputs.count("Mul") == 3 and int8_inputs.count("GlobalAveragePool") >= 3
     metadata = metadata_of(int8)
     assert metadata.quantization["mode"] == "static"
     assert metadata.quantization["activation_type"] == report["choice"]["activation_type"]
@@ -92,6 +104,42 @@ def test_static_quantization_meets_the_accuracy_targets(tmp_path: Path, digits, 
     manifest = json.loads((export / "manifest.json").read_text())
     assert manifest["quantization"]["mode"] == "static"
     assert manifest["files"]["model.int8.onnx"] == (export / "model.int8.onnx").stat().st_size
+
+
+def test_prepare_turns_spatial_means_into_exact_pooling(tmp_path: Path, digits) -> None:
+    model = digits["export"] / "model.onnx"
+    pre = tmp_path / "pre.onnx"
+    # one squeeze-excitation per MBConv block (three in the fixture) and the head
+    assert prepare(model, pre) == 4
+    ops = [n.op_type for n in onnx.load(str(pre)).graph.node]
+    assert "ReduceMean" not in ops and ops.count("GlobalAveragePool") == 4
+    x = np.random.default_rng(0).standard_normal((2, 1, 64, 64), dtype=np.float32)
+    before, after = (
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+            None, {"input": x}
+        )[0]
+        for path in (model, pre)
+    )
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_only_squeeze_excitation_gates_are_quantized_muls() -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 2, 2])
+    s = helper.make_tensor_value_info("s", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 2, 2])
+    nodes = [
+        helper.make_node("Sigmoid", ["s"], ["g"]),
+        helper.make_node("Unsqueeze", ["g", "axes"], ["g4"]),
+        helper.make_node("Mul", ["x", "g4"], ["gated"], name="gate"),
+        helper.make_node("Mul", ["gated", "two"], ["y"], name="scale"),
+    ]
+    constants = [
+        helper.make_tensor("axes", TensorProto.INT64, [2], [2, 3]),
+        helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]),
+    ]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x, s], [y], constants))
+    assert non_gate_muls(model) == ["scale"]
+    assert "scale" in DEFAULT_RECIPE.exclusions(model)
 
 
 def test_fallback_returns_tensors_to_float_until_the_gate_passes(
@@ -105,6 +153,8 @@ def test_fallback_returns_tensors_to_float_until_the_gate_passes(
         digits["calibration"],
         "--eval-data",
         digits["test"],
+        "--calibration-samples",
+        "2",  # few samples: the default falls short of a 100 % gate here
         "--min-agreement",
         "1.0",
         "--max-fallback-steps",
