@@ -19,6 +19,7 @@ from coatnet_export.console import quiet_libraries
 from coatnet_export.inspect import load_proto
 
 SPATIAL_AXES = ([2, 3], [-2, -1])
+ARITHMETIC = ("Conv", "MatMul", "Gemm")
 
 
 def prepare(model_path: Path, pre_path: Path) -> int:
@@ -116,16 +117,20 @@ class Recipe:
     means the squeeze-excitation gates only."""
     float_attention_matmuls: bool = True
     """Keep attention's activation x activation MatMuls (q.k^T, weights.v) in float."""
+    float_first_last: bool = False
+    """Keep the first convolution (stem) and the last linear layer (head) in float."""
 
     def exclusions(self, proto: onnx.ModelProto) -> list[str]:
         """Nodes of ``proto`` of a quantized op type that this recipe keeps float."""
         excluded = activation_matmuls(proto) if self.float_attention_matmuls else []
         if self.op_types is not None and "Mul" in self.op_types:
             excluded += non_gate_muls(proto)
+        if self.float_first_last:
+            arithmetic = [n.name for n in proto.graph.node if n.op_type in ARITHMETIC]
+            excluded += [arithmetic[0], arithmetic[-1]]
         return excluded
 
 
-ARITHMETIC = ("Conv", "MatMul", "Gemm")
 DEFAULT_RECIPE = Recipe(
     "arithmetic+pools+gates", (*ARITHMETIC, "MaxPool", "GlobalAveragePool", "Mul")
 )
@@ -135,6 +140,11 @@ GELU, attention's products and the bias and residual Adds stay float
 (scripts/bench_quantize.py measures the alternatives)."""
 RECIPES = (
     DEFAULT_RECIPE,
+    Recipe(
+        "arithmetic+pools+gates, stem and head float",
+        DEFAULT_RECIPE.op_types,
+        float_first_last=True,
+    ),
     Recipe("arithmetic", ARITHMETIC),
     Recipe("arithmetic+attention", ARITHMETIC, False),
     Recipe("onnxruntime-default", None),

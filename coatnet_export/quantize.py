@@ -56,6 +56,8 @@ CALIBRATION_METHODS = {
     "percentile": CalibrationMethod.Percentile,
 }
 TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+DYNAMIC_OPS = ("MatMul", "Gemm")
+"""Dynamic quantization leaves Conv float: ConvInteger brought no speed on this machine."""
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,8 @@ class Agreement:
 @dataclass
 class QuantReport:
     mode: str
+    quantized_ops: list[str]
+    """The recipe's op types (static) or those of dynamic quantization."""
     choice: QuantChoice
     cpu: CpuInt8
     calibration: str
@@ -299,7 +303,7 @@ def quantize_once(
         quantize_dynamic(
             str(pre),
             str(out),
-            op_types_to_quantize=["MatMul", "Gemm"],
+            op_types_to_quantize=list(DYNAMIC_OPS),
             per_channel=opts.per_channel,
             reduce_range=choice.reduce_range,
             weight_type=TYPES[choice.weight_type],
@@ -331,19 +335,15 @@ def outputs(path: Path, arrays: list[np.ndarray], threads: int | None) -> list[n
 
 
 def latency(
-    fp32: Path,
-    int8: Path,
+    models: dict[str, Path],
     input_shape: tuple[int, ...],
     threads: int | None,
     runs: int,
     batch: int = 1,
 ) -> dict[str, float]:
-    """Median milliseconds of both models, timed interleaved."""
+    """Median milliseconds of each named model, all timed interleaved in one run."""
     x = np.random.default_rng(0).standard_normal((batch, *input_shape), dtype=np.float32)
-    sessions = {
-        "fp32": make_session(fp32, threads, spinning=False),
-        "int8": make_session(int8, threads, spinning=False),
-    }
+    sessions = {name: make_session(path, threads, spinning=False) for name, path in models.items()}
     samples = time_interleaved(
         {k: (lambda s=s: run_session(s, x)) for k, s in sessions.items()}, warmup=3, runs=runs
     )
@@ -507,10 +507,13 @@ def run_quantize(
                 )
             ]
         say(f"timing fp32 against int8 ({opts.latency_runs} interleaved runs each)")
-        timings = latency(model_path, quantized, input_shape, opts.threads, opts.latency_runs)
+        timings = latency(
+            {"fp32": model_path, "int8": quantized}, input_shape, opts.threads, opts.latency_runs
+        )
         passed = result.top1 >= opts.min_top1
         report = QuantReport(
             opts.mode,
+            list(DEFAULT_RECIPE.op_types if opts.mode == "static" else DYNAMIC_OPS),
             choice,
             cpu,
             source,
@@ -547,6 +550,7 @@ def metadata_quantization(report: QuantReport) -> dict:
     """The summary of a quantization recorded in the int8 model and the manifest."""
     return {
         "mode": report.mode,
+        "quantized_ops": report.quantized_ops,
         "activation_type": report.choice.activation_type,
         "weight_type": report.choice.weight_type,
         "reduce_range": report.choice.reduce_range,

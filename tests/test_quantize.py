@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 from coatnet_export.console import Progress
 from coatnet_export.inspect import metadata_of
 from coatnet_export.pipeline import ExportOptions, run_export
-from coatnet_export.quant_graph import DEFAULT_RECIPE, non_gate_muls, prepare
+from coatnet_export.quant_graph import DEFAULT_RECIPE, Recipe, non_gate_muls, prepare
 from coatnet_export.quantize import CpuInt8, choose_types
 from models import VariantSpec
 
@@ -99,6 +99,7 @@ def test_static_quantization_meets_the_accuracy_targets(tmp_path: Path, digits, 
     assert int8_inputs.count("Mul") == 3 and int8_inputs.count("GlobalAveragePool") >= 3
     metadata = metadata_of(int8)
     assert metadata.quantization["mode"] == "static"
+    assert metadata.quantization["quantized_ops"] == list(DEFAULT_RECIPE.op_types)
     assert metadata.quantization["activation_type"] == report["choice"]["activation_type"]
     assert "lowest SQNR" in result.out and "top-1 agreement" in result.out
     manifest = json.loads((export / "manifest.json").read_text())
@@ -121,6 +122,13 @@ def test_prepare_turns_spatial_means_into_exact_pooling(tmp_path: Path, digits) 
         for path in (model, pre)
     )
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+    nodes = onnx.load(str(pre)).graph.node
+    ends = Recipe("ends", DEFAULT_RECIPE.op_types, float_first_last=True).exclusions(
+        onnx.load(str(pre))
+    )
+    assert nodes[0].op_type == "Conv" and nodes[0].name in ends  # the stem
+    head = [n for n in nodes if n.op_type in ("Gemm", "MatMul")][-1]
+    assert head.output[0] == "logits" and head.name in ends
 
 
 def test_only_squeeze_excitation_gates_are_quantized_muls() -> None:
