@@ -263,7 +263,8 @@ class Transformer(nn.Module):
 
     ``downsample`` halves the resolution (max-pool on both paths, 1x1 projection on the
     shortcut). ``project`` without ``downsample`` changes the width at the same resolution, as
-    the first Transformer block of the coatnet_6/7 tandem stage does.
+    the first Transformer block of the coatnet_6/7 tandem stage does. The residual stream is
+    kept as tokens (B, H*W, C) inside the block, and across a :class:`TransformerStage`.
     """
 
     def __init__(
@@ -287,23 +288,38 @@ class Transformer(nn.Module):
             raise ConfigError("a Transformer block without projection must keep the width")
         attention = RelativeAttention(in_channels, out_channels, map_size, num_heads, numerics)
         feed_forward = FeedForward(out_channels, 4 * in_channels, numerics)
-        self.attn = nn.Sequential(
-            ToTokens(in_channels, map_size),
-            PreNorm(nn.LayerNorm(in_channels), attention),
-            ToMap(out_channels, map_size),
-        )
-        self.ff = nn.Sequential(
-            ToTokens(out_channels, map_size),
-            PreNorm(nn.LayerNorm(out_channels), feed_forward),
-            ToMap(out_channels, map_size),
-        )
+        # key "1": lucid's checkpoint keys (attn.1.*, ff.1.*); its layout changes at 0 and 2
+        # hold no weights
+        self.attn = nn.ModuleDict({"1": PreNorm(nn.LayerNorm(in_channels), attention)})
+        self.ff = nn.ModuleDict({"1": PreNorm(nn.LayerNorm(out_channels), feed_forward)})
+        self.to_tokens = ToTokens(in_channels, map_size)
+        self.to_map = ToMap(out_channels, map_size)
+
+    def forward_tokens(self, tokens: Tensor) -> Tensor:
+        """(B, N, C_in) tokens of the (pooled) map -> (B, N, C_out)."""
+        shortcut = tokens
+        if self.proj is not None:  # the 1x1 convolution, applied to tokens
+            shortcut = F.linear(tokens, self.proj.weight.flatten(1), self.proj.bias)
+        tokens = shortcut + self.attn["1"](tokens)
+        return tokens + self.ff["1"](tokens)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.downsample:
             x = self.pool(x)
-        shortcut = x if self.proj is None else self.proj(x)
-        x = shortcut + self.attn(x)
-        return x + self.ff(x)
+        return self.to_map(self.forward_tokens(self.to_tokens(x)))
+
+
+class TransformerStage(nn.Sequential):
+    """Transformer blocks passing tokens to each other: one layout change in, one out."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        first = self[0]
+        if first.downsample:
+            x = first.pool(x)
+        tokens = first.to_tokens(x)
+        for block in self:
+            tokens = block.forward_tokens(tokens)
+        return self[-1].to_map(tokens)
 
 
 def _stem_block(
@@ -451,7 +467,7 @@ class CoAtNet(nn.Module):
         downsample: bool = True,
     ) -> nn.Sequential:
         map_size = self.stage_size(stage)
-        blocks = []
+        blocks: list[nn.Module] = []
         for j in range(depth):
             block_in = in_channels if j == 0 else out_channels
             first = j == 0 and downsample
@@ -469,7 +485,7 @@ class CoAtNet(nn.Module):
                         project=j == 0,
                     )
                 )
-        return nn.Sequential(*blocks)
+        return nn.Sequential(*blocks) if block_type == "C" else TransformerStage(*blocks)
 
     def stage_size(self, stage: int) -> tuple[int, int]:
         """Spatial size (height, width) of the feature map that stage S0..S4 outputs."""

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 from coatnet_export.console import Progress
 from coatnet_export.inspect import metadata_of
 from coatnet_export.pipeline import ExportOptions, run_export
-from coatnet_export.quant_graph import DEFAULT_RECIPE, Recipe, non_gate_muls, prepare
+from coatnet_export.quant_graph import DEFAULT_RECIPE, non_gate_muls, prepare
 from coatnet_export.quantize import CpuInt8, choose_types
 from models import VariantSpec
 
@@ -123,9 +123,7 @@ def test_prepare_turns_spatial_means_into_exact_pooling(tmp_path: Path, digits) 
     )
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
     nodes = onnx.load(str(pre)).graph.node
-    ends = Recipe("ends", DEFAULT_RECIPE.op_types, float_first_last=True).exclusions(
-        onnx.load(str(pre))
-    )
+    ends = DEFAULT_RECIPE.exclusions(onnx.load(str(pre)))
     assert nodes[0].op_type == "Conv" and nodes[0].name in ends  # the stem
     head = [n for n in nodes if n.op_type in ("Gemm", "MatMul")][-1]
     assert head.output[0] == "logits" and head.name in ends
