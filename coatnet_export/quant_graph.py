@@ -125,9 +125,9 @@ class Recipe:
         excluded = activation_matmuls(proto) if self.float_attention_matmuls else []
         if self.op_types is not None and "Mul" in self.op_types:
             excluded += non_gate_muls(proto)
-        if self.float_first_last:
-            arithmetic = [n.name for n in proto.graph.node if n.op_type in ARITHMETIC]
-            excluded += [arithmetic[0], arithmetic[-1]]
+        arithmetic = [n.name for n in proto.graph.node if n.op_type in ARITHMETIC]
+        if self.float_first_last and arithmetic:
+            excluded += list(dict.fromkeys([arithmetic[0], arithmetic[-1]]))
         return excluded
 
 
