@@ -132,7 +132,7 @@ class Recipe:
 
 
 POOLS_AND_GATES = (*ARITHMETIC, "MaxPool", "GlobalAveragePool", "Mul")
-DEFAULT_RECIPE = Recipe("arithmetic+pools+gates, float stem/head", POOLS_AND_GATES, True, True)
+DEFAULT_RECIPE = Recipe("arithmetic+pools+gates, float stem+head", POOLS_AND_GATES, True, True)
 """Convolutions, linear layers, the pools and the squeeze-excitation gates in int8, so the
 MBConv blocks stay int8 between convolutions except around GELU; the stem convolution and the
 head, LayerNormalization, Softmax, GELU, attention's products and the bias and residual Adds

@@ -150,11 +150,11 @@ def main() -> None:
         reference = outputs(digits_pre, held_out, args.threads)
         options = QuantOptions()
         rows, c0_int8 = [], {}
-        for recipe in RECIPES:
+        for index, recipe in enumerate(RECIPES):
             print(f"recipe {recipe.name} ...", file=sys.stderr)
             row: dict = {"recipe": recipe.name}
-            c0_int8[recipe.name] = work / f"c0.{recipe.name}.onnx"
-            digits_int8 = work / f"digits.{recipe.name}.onnx"
+            c0_int8[recipe.name] = work / f"c0.recipe{index}.onnx"
+            digits_int8 = work / f"digits.recipe{index}.onnx"
             for pre, out, reader in (
                 (c0_pre, c0_int8[recipe.name], ImageReader("input", photos[:16])),
                 (digits_pre, digits_int8, ImageReader("input", calibration)),
