@@ -173,6 +173,18 @@ def test_folded_attention_scale_gives_the_same_outputs(numerics: Numerics) -> No
         torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
 
 
+def test_token_stage_equals_blocks_one_by_one() -> None:
+    """A stage passing tokens between blocks computes what the blocks do on maps, one by one."""
+    model = seeded(CoAtNet((64, 96), **SMALL))
+    x = torch.randn(2, 16, 8, 12)  # S2's output: the input of the Transformer stage S3
+    with torch.no_grad():
+        expected = x
+        for block in model.s3:
+            expected = block(expected)
+        torch.testing.assert_close(model.s3(x), expected, rtol=1e-6, atol=1e-6)
+    assert expected.shape == (2, 24, 4, 6)
+
+
 def test_bias_tables_matter() -> None:
     """Seeded tables are not zero, so a wrong index or a dropped bias changes the output."""
     model = seeded(CoAtNet((64, 64), **SMALL))
