@@ -208,8 +208,11 @@ def run_export(opts: ExportOptions, progress: Progress) -> ExportOutcome:
     with progress.step("baking relative biases, folding BatchNorm and attention scales"):
         bias_bytes = bake_relative_biases(reference.model)
         folded = fold_batchnorms(reference.model)
-        fold_attention_scales(reference.model)
-    progress.note(f"baked biases add {bias_bytes / 2**20:.1f} MiB; folded {folded} BatchNorms")
+        scales = fold_attention_scales(reference.model)
+    progress.note(
+        f"baked biases add {bias_bytes / 2**20:.1f} MiB; folded {folded} BatchNorms and "
+        f"{scales} attention scales"
+    )
 
     opset = opts.opset or DEFAULT_OPSET[opts.exporter]
     metadata = ExportMetadata(
