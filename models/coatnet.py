@@ -304,22 +304,25 @@ class Transformer(nn.Module):
         return tokens + self.ff["1"](tokens)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.downsample:
-            x = self.pool(x)
-        return self.to_map(self.forward_tokens(self.to_tokens(x)))
+        return run_on_tokens([self], x)
+
+
+def run_on_tokens(blocks: Sequence[Transformer], x: Tensor) -> Tensor:
+    """Run consecutive Transformer blocks on a map, passing tokens between them."""
+    first = blocks[0]
+    if first.downsample:
+        x = first.pool(x)
+    tokens = first.to_tokens(x)
+    for block in blocks:
+        tokens = block.forward_tokens(tokens)
+    return blocks[-1].to_map(tokens)
 
 
 class TransformerStage(nn.Sequential):
     """Transformer blocks passing tokens to each other: one layout change in, one out."""
 
     def forward(self, x: Tensor) -> Tensor:
-        first = self[0]
-        if first.downsample:
-            x = first.pool(x)
-        tokens = first.to_tokens(x)
-        for block in self:
-            tokens = block.forward_tokens(tokens)
-        return self[-1].to_map(tokens)
+        return run_on_tokens(list(self), x)
 
 
 def _stem_block(
