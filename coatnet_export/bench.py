@@ -135,7 +135,7 @@ class BenchTarget:
 
 def onnx_target(name: str, path) -> BenchTarget:
     """An ONNX file in onnxruntime (CPU, all optimisations, no spinning between calls)."""
-    from coatnet_export.validate import make_session
+    from coatnet_export.runtimes.onnxruntime import make_session
 
     def make_runner(threads: int):
         session = make_session(path, threads, spinning=False)
@@ -233,8 +233,8 @@ def plan_bench(
 
     from coatnet_export.console import Progress
     from coatnet_export.errors import InputError
+    from coatnet_export.export.pipeline import ExportOptions, run_export
     from coatnet_export.inspect import resolve_model_path
-    from coatnet_export.pipeline import ExportOptions, run_export
     from models import VariantSpec, count_macs, get_variant, init_weights, materialize
 
     paths: list[Path] = []

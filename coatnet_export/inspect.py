@@ -10,8 +10,8 @@ from typing import Any
 import onnx
 
 from coatnet_export.errors import InputError
+from coatnet_export.export.package import data_file
 from coatnet_export.metadata import ExportMetadata
-from coatnet_export.package import data_file
 
 MODEL_FILE = "model.onnx"
 

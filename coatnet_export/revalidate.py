@@ -6,11 +6,16 @@ import gc
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from coatnet_export.checkpoint import read_checkpoint
 from coatnet_export.console import Progress
 from coatnet_export.errors import InputError
 from coatnet_export.inspect import load_proto, metadata_of, resolve_model_path
-from coatnet_export.model_source import ModelSpec, load_reference, plan_model, weights_sha256
+from coatnet_export.sources.checkpoint import read_checkpoint
+from coatnet_export.sources.model_source import (
+    ModelSpec,
+    load_reference,
+    plan_model,
+    weights_sha256,
+)
 from coatnet_export.validate import (
     CaseResult,
     Gates,

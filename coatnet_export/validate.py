@@ -6,11 +6,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 from coatnet_export.errors import InputError
 from coatnet_export.preprocess import Preprocessing, list_images, load_images
+from coatnet_export.runtimes.onnxruntime import make_session, run_session
 from models import CoAtNet
 
 
@@ -156,32 +156,6 @@ def add_reference_outputs(model: CoAtNet, cases: list[Case]) -> None:
     for case in cases:
         if case.reference is None:
             case.reference = model(torch.from_numpy(case.inputs)).float().numpy()
-
-
-def make_session(
-    path: Path, threads: int | None = None, spinning: bool = True, low_memory: bool = False
-) -> ort.InferenceSession:
-    """A CPU session with every graph optimisation enabled.
-
-    ``low_memory`` skips weight pre-packing and the arena, so the weights are held once.
-    ``spinning=False`` stops idle worker threads from spinning, for fair interleaved timing.
-    """
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if low_memory:
-        options.add_session_config_entry("session.disable_prepacking", "1")
-        options.enable_cpu_mem_arena = False
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def run_session(session: ort.InferenceSession, inputs: np.ndarray) -> np.ndarray:
-    name = session.get_inputs()[0].name
-    return session.run(None, {name: inputs})[0]
 
 
 def compare(name: str, reference: np.ndarray, actual: np.ndarray, gates: Gates) -> CaseResult:

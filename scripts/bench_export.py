@@ -27,8 +27,8 @@ from coatnet_export.bench import (
     time_interleaved,
 )
 from coatnet_export.console import Progress, render_table
-from coatnet_export.pipeline import ExportOptions, run_export
-from coatnet_export.validate import make_session
+from coatnet_export.export.pipeline import ExportOptions, run_export
+from coatnet_export.runtimes.onnxruntime import make_session
 from models import build_variant, count_macs, get_variant, init_weights, materialize, variant_names
 
 

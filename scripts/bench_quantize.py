@@ -23,10 +23,10 @@ from PIL import Image
 
 from coatnet_export.bench import run_measured
 from coatnet_export.console import Progress, quiet_libraries, render_table
-from coatnet_export.pipeline import ExportOptions, run_export
+from coatnet_export.export.pipeline import ExportOptions, run_export
 from coatnet_export.preprocess import Preprocessing
-from coatnet_export.quant_graph import RECIPES, compact_biases, prepare
-from coatnet_export.quantize import (
+from coatnet_export.quantize.graph import RECIPES, compact_biases, prepare
+from coatnet_export.quantize.pipeline import (
     CpuInt8,
     ImageReader,
     QuantOptions,

@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 from coatnet_export.console import Progress
+from coatnet_export.export.pipeline import ExportOptions, rejected_path, run_export
 from coatnet_export.inspect import metadata_of
-from coatnet_export.pipeline import ExportOptions, rejected_path, run_export
 from coatnet_export.validate import Gates
 from models import CoAtNet, get_variant, init_weights
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from coatnet_export.console import Progress
-from coatnet_export.pipeline import ExportOptions, run_export
+from coatnet_export.export.pipeline import ExportOptions, run_export
 from coatnet_export.preprocess import Preprocessing
 
 from conftest import TINY

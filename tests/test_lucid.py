@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from coatnet_export.architecture import infer_architecture
-from coatnet_export.checkpoint import read_checkpoint
-from coatnet_export.lucid import convert_lucid_state_dict
+from coatnet_export.sources.architecture import infer_architecture
+from coatnet_export.sources.checkpoint import read_checkpoint
+from coatnet_export.sources.lucid import convert_lucid_state_dict
 from models import VariantSpec, init_weights
 
 VECTORS = Path(__file__).parent / "fixtures" / "lucid"

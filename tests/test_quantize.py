@@ -14,10 +14,10 @@ import pytest
 from onnx import TensorProto, helper
 
 from coatnet_export.console import Progress
+from coatnet_export.export.pipeline import ExportOptions, run_export
 from coatnet_export.inspect import metadata_of
-from coatnet_export.pipeline import ExportOptions, run_export
-from coatnet_export.quant_graph import DEFAULT_RECIPE, non_gate_muls, prepare
-from coatnet_export.quantize import CpuInt8, choose_types
+from coatnet_export.quantize.graph import DEFAULT_RECIPE, non_gate_muls, prepare
+from coatnet_export.quantize.pipeline import CpuInt8, choose_types
 from models import VariantSpec
 
 FIXTURE = Path(__file__).parent / "fixtures" / "digits"
@@ -287,7 +287,7 @@ def test_bad_quantization_inputs(tmp_path: Path, digits, run_cli, monkeypatch) -
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("coatnet_export.quantize.tempfile.mkdtemp", refuse)
+    monkeypatch.setattr("coatnet_export.quantize.pipeline.tempfile.mkdtemp", refuse)
     before = listing(tmp_path)
     unwritable = run_cli("quantize", export, "--random-calibration")
     assert unwritable.code == 2 and "is not writable" in unwritable.err

@@ -15,25 +15,25 @@ import onnxruntime
 import torch
 
 import coatnet_export
-from coatnet_export.checkpoint import CheckpointFormat, read_checkpoint
 from coatnet_export.console import Progress
 from coatnet_export.errors import InputError
-from coatnet_export.metadata import ExportMetadata, write_json
-from coatnet_export.model_source import load_reference, plan_model, weights_sha256
-from coatnet_export.onnx_export import (
+from coatnet_export.export.onnx_export import (
     DEFAULT_OPSET,
     Exporter,
     export_onnx,
     release_exporter_memory,
 )
-from coatnet_export.output import check_destination, publish, staging
-from coatnet_export.package import EXTERNAL_DATA_THRESHOLD, GraphSummary, package_model
-from coatnet_export.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from coatnet_export.transforms import (
+from coatnet_export.export.package import EXTERNAL_DATA_THRESHOLD, GraphSummary, package_model
+from coatnet_export.export.transforms import (
     bake_relative_biases,
     fold_attention_scales,
     fold_batchnorms,
 )
+from coatnet_export.metadata import ExportMetadata, write_json
+from coatnet_export.output import check_destination, publish, staging
+from coatnet_export.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from coatnet_export.sources.checkpoint import CheckpointFormat, read_checkpoint
+from coatnet_export.sources.model_source import load_reference, plan_model, weights_sha256
 from coatnet_export.validate import (
     Case,
     CaseResult,

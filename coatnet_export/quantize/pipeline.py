@@ -39,14 +39,14 @@ from coatnet_export.errors import InputError
 from coatnet_export.inspect import load_proto, metadata_of
 from coatnet_export.metadata import write_json, write_props
 from coatnet_export.preprocess import Preprocessing, list_images, load_images
-from coatnet_export.quant_graph import (
+from coatnet_export.quantize.graph import (
     DEFAULT_RECIPE,
     FALLBACK_OPS,
     Recipe,
     compact_biases,
     prepare,
 )
-from coatnet_export.validate import make_session, run_session
+from coatnet_export.runtimes.onnxruntime import make_session, run_session
 
 INT8_FILE = "model.int8.onnx"
 REPORT_FILE = "quantization.json"

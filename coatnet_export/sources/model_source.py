@@ -7,10 +7,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from coatnet_export.architecture import architecture_mismatches, infer_architecture
-from coatnet_export.checkpoint import Checkpoint, StateDict, fit_state_dict, trained_img_size
 from coatnet_export.errors import InputError
-from coatnet_export.lucid import convert_lucid_state_dict
+from coatnet_export.sources.architecture import architecture_mismatches, infer_architecture
+from coatnet_export.sources.checkpoint import (
+    Checkpoint,
+    StateDict,
+    fit_state_dict,
+    trained_img_size,
+)
+from coatnet_export.sources.lucid import convert_lucid_state_dict
 from models import (
     CoAtNet,
     ConfigError,

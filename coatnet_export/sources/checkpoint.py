@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 
 from coatnet_export.errors import InputError
-from coatnet_export.lucid import looks_like_lucid, read_lcd, to_tensors
+from coatnet_export.sources.lucid import looks_like_lucid, read_lcd, to_tensors
 from models import CoAtNet
 from models.coatnet import STAGE_STRIDES
 

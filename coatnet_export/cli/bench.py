@@ -1,0 +1,128 @@
+"""``coatnet-export bench``: PyTorch eager and ONNX models timed side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from coatnet_export.console import render_table
+from coatnet_export.metadata import write_json
+
+
+@click.command()
+@click.argument("models", nargs=-1, type=click.Path(path_type=Path))
+@click.option(
+    "--variant",
+    help="Also time this variant in PyTorch eager (seeded weights); "
+    "without MODELS, it is exported to a temporary fp32 ONNX model first.",
+)
+@click.option(
+    "--img-size",
+    type=(int, int),
+    default=None,
+    metavar="H W",
+    help="Resolution for --variant [default: the models' or 224 224].",
+)
+@click.option(
+    "--batch",
+    "batches",
+    type=click.IntRange(1),
+    multiple=True,
+    default=(1, 8),
+    show_default=True,
+    help="Batch sizes (repeat the option).",
+)
+@click.option(
+    "--threads",
+    "threads",
+    type=click.IntRange(1),
+    multiple=True,
+    help="Thread counts (repeat the option) [default: 1 and all cores].",
+)
+@click.option(
+    "--runs",
+    type=click.IntRange(5),
+    default=20,
+    show_default=True,
+    help="Timed runs per target and setting.",
+)
+@click.option("--warmup", type=click.IntRange(0), default=3, show_default=True)
+@click.option(
+    "--torch/--no-torch",
+    "with_torch",
+    default=True,
+    show_default=True,
+    help="Include PyTorch eager.",
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Also write the results to this JSON file.",
+)
+def bench(models, variant, img_size, batches, threads, runs, warmup, with_torch, json_path) -> None:
+    """Time PyTorch eager, ONNX fp32 and ONNX int8 side by side (p50/p90/p99, images/s).
+
+    MODELS are .onnx files or export directories (whose model.onnx and model.int8.onnx are
+    both taken). Runs are interleaved across targets, after warm-up, with onnxruntime's
+    spinning threads disabled so one runtime cannot slow the next.
+    """
+    import os
+    import tempfile
+
+    from coatnet_export.bench import benchmark, plan_bench
+
+    thread_counts = list(threads) or sorted({1, os.cpu_count() or 1})
+    with tempfile.TemporaryDirectory() as workdir:
+        plan = plan_bench(
+            list(models),
+            variant,
+            img_size,
+            with_torch,
+            Path(workdir),
+            lambda text: click.echo(text, err=True),
+        )
+        rows, peaks = benchmark(
+            plan.targets,
+            plan.input_shape,
+            list(batches),
+            thread_counts,
+            runs,
+            warmup,
+            plan.macs_per_image,
+            lambda text: click.echo(f"  {text}", err=True),
+        )
+    table = [r.as_dict() for r in rows]
+    for row in table:
+        row["pct_of_peak"] = 100 * row["gflops_per_s"] / peaks[row["threads"]]
+    click.echo(
+        render_table(
+            table,
+            (
+                "name",
+                "threads",
+                "batch",
+                "p50_ms",
+                "p90_ms",
+                "p99_ms",
+                "images_per_s",
+                "gflops_per_s",
+                "pct_of_peak",
+            ),
+        )
+    )
+    click.echo(
+        f"model: {plan.macs_per_image * 2 / 1e9:.2f} GFLOP per image; 2048^2 fp32 matmul: "
+        + ", ".join(f"{peaks[t]:.0f} GFLOP/s at {t} thread(s)" for t in thread_counts)
+    )
+    if json_path:
+        write_json(
+            json_path,
+            {
+                "targets": plan.labels,
+                "results": table,
+                "matmul_gflops": {str(k): v for k, v in peaks.items()},
+                "gflop_per_image": plan.macs_per_image * 2 / 1e9,
+            },
+        )

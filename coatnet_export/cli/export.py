@@ -1,0 +1,205 @@
+"""``coatnet-export export`` (the default command): build, bake, export, check, validate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from coatnet_export.cli.options import (
+    BatchType,
+    FloatListType,
+    SizeType,
+    gate_options,
+    quant_options_from,
+    quantize_options,
+    read_labels,
+    validation_inputs_options,
+)
+from coatnet_export.cli.quantize import run_and_show_quantize
+from coatnet_export.console import Progress, render_table
+from coatnet_export.errors import GateFailed, InputError
+from coatnet_export.export.onnx_export import EXPORTERS
+from coatnet_export.metadata import write_json
+from coatnet_export.preprocess import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
+from coatnet_export.sources.checkpoint import CHECKPOINT_FORMATS
+from coatnet_export.validate import RESULT_COLUMNS, Gates
+from models import get_variant
+
+
+@click.command()
+@click.option(
+    "--variant",
+    help="Variant name, e.g. coatnet_0 (see `variants`); optional with "
+    "a checkpoint, whose architecture is read from its keys and shapes.",
+)
+@click.option(
+    "--checkpoint",
+    type=click.Path(path_type=Path),
+    help="State dict: .pt/.pth (loaded with weights_only=True), .safetensors, or a "
+    "lucid .lcd. Without it, seeded random weights are exported.",
+)
+@click.option(
+    "--checkpoint-format",
+    type=click.Choice(CHECKPOINT_FORMATS),
+    default="auto",
+    show_default=True,
+    help="Which framework wrote the checkpoint (auto detects lucid).",
+)
+@click.option(
+    "--reference-outputs",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="An .npz with inputs x and outputs y recorded in the training framework "
+    "(e.g. lucid); the ONNX model must match them (rel. error <= 1e-5).",
+)
+@click.option(
+    "--img-size",
+    type=(SizeType(), SizeType()),
+    default=None,
+    metavar="H W",
+    help="Input resolution; fixes the relative biases [default: the checkpoint's, "
+    "or 224 224]. Only the batch axis can be dynamic.",
+)
+@click.option(
+    "--num-classes", type=click.IntRange(1), help="Classes (default: checkpoint or 1000)."
+)
+@click.option(
+    "--in-channels", type=click.IntRange(1), help="Input channels (default: checkpoint or 3)."
+)
+@click.option(
+    "--output",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Output directory (default: ./<variant>/).",
+)
+@click.option("--exporter", type=click.Choice(EXPORTERS), default="dynamo", show_default=True)
+@click.option(
+    "--opset", type=click.IntRange(17, 23), help="ONNX opset (default: 20 dynamo, 17 torchscript)."
+)
+@click.option(
+    "--batch",
+    type=BatchType(),
+    default="dynamic",
+    show_default=True,
+    help="Batch axis: dynamic, or a fixed size.",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed for random weights and validation inputs.",
+)
+@click.option(
+    "--labels",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Class names: a text file with one per line, or a JSON list.",
+)
+@click.option(
+    "--mean",
+    type=FloatListType(),
+    default=",".join(map(str, IMAGENET_MEAN)),
+    show_default=True,
+    help="Normalisation mean per channel.",
+)
+@click.option(
+    "--std",
+    type=FloatListType(),
+    default=",".join(map(str, IMAGENET_STD)),
+    show_default=True,
+    help="Normalisation std per channel.",
+)
+@click.option(
+    "--crop-pct",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=0.875,
+    show_default=True,
+    help="Centre-crop fraction used by preprocessing.",
+)
+@click.option(
+    "--interpolation", type=click.Choice(list(INTERPOLATIONS)), default="bicubic", show_default=True
+)
+@click.option(
+    "--validate/--no-validate",
+    default=True,
+    show_default=True,
+    help="Prove parity against onnxruntime before publishing the model.",
+)
+@validation_inputs_options
+@gate_options
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+@click.option(
+    "--quantize",
+    "quantize_mode",
+    type=click.Choice(["static", "dynamic"]),
+    help="Also write model.int8.onnx (see `coatnet-export quantize`).",
+)
+@quantize_options
+def export(**kw) -> None:
+    """Export a variant to ONNX with baked relative biases, check it and validate it."""
+    from coatnet_export.export.pipeline import ExportOptions, run_export
+
+    if kw["variant"] is None and kw["checkpoint"] is None:
+        raise InputError(
+            "give --variant NAME (see `coatnet-export variants`), or a "
+            "--checkpoint to read the architecture from"
+        )
+    options = ExportOptions(
+        architecture=get_variant(kw["variant"]) if kw["variant"] else None,
+        output=kw["output"] or (Path(kw["variant"]) if kw["variant"] else None),
+        img_size=kw["img_size"],
+        in_channels=kw["in_channels"],
+        num_classes=kw["num_classes"],
+        checkpoint=kw["checkpoint"],
+        checkpoint_format=kw["checkpoint_format"],
+        reference_outputs=kw["reference_outputs"],
+        seed=kw["seed"],
+        exporter=kw["exporter"],
+        opset=kw["opset"],
+        batch=kw["batch"],
+        mean=kw["mean"],
+        std=kw["std"],
+        crop_pct=kw["crop_pct"],
+        interpolation=kw["interpolation"],
+        labels=read_labels(kw["labels"]) if kw["labels"] else None,
+        validate=kw["validate"],
+        images=list(kw["images"]),
+        samples=kw["samples"],
+        gates=Gates(kw["max_rel_error"], kw["min_top1"]),
+        threads=kw["threads"],
+        force=kw["force"],
+    )
+    outcome = run_export(
+        options, Progress(total=6 if options.validate else 4, enabled=not kw["quiet"])
+    )
+    if outcome.results:
+        click.echo(render_table([r.as_dict() for r in outcome.results], RESULT_COLUMNS))
+    if kw["report"]:
+        write_json(kw["report"], outcome.validation_report())
+    sizes = ", ".join(
+        f"{name} {(outcome.directory / name).stat().st_size / 2**20:.1f} MiB"
+        for name in outcome.graph.files
+    )
+    meta = outcome.metadata
+    click.echo(
+        f"\n{meta.variant} {meta.img_size[0]}x{meta.img_size[1]}, {meta.num_classes} "
+        f"classes, {meta.exporter} opset {meta.opset}, batch {meta.batch}"
+    )
+    click.echo(
+        f"graph: {outcome.graph.nodes} nodes, {outcome.graph.table_lookups} table lookups, "
+        f"output {outcome.graph.output_shape}; baked biases "
+        f"{outcome.baked_bias_bytes / 2**20:.1f} MiB"
+    )
+    click.echo(f"files: {sizes}")
+    for warning in outcome.warnings:
+        click.echo(f"warning: {warning}")
+    if not outcome.passed:
+        raise GateFailed(
+            f"validation failed; the model was NOT published to {options.output}. "
+            f"It is kept for inspection in {outcome.directory}"
+        )
+    status = "validated" if outcome.results else "exported without validation"
+    click.echo(f"{status} in {outcome.timings['total_s']:.1f} s -> {outcome.directory}")
+    if kw["quantize_mode"]:
+        click.echo(f"\nquantizing ({kw['quantize_mode']}):")
+        run_and_show_quantize(outcome.directory, quant_options_from(kw, kw["quantize_mode"]))

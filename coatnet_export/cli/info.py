@@ -1,0 +1,28 @@
+"""``coatnet-export info``: what an export holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from coatnet_export.console import render_table
+
+
+@click.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def info(model: Path, as_json: bool) -> None:
+    """Show what an export holds: metadata, inputs, outputs, size."""
+    from coatnet_export.inspect import describe
+
+    description = describe(model)
+    if as_json:
+        click.echo(json.dumps(description, indent=2))
+        return
+    rows = [
+        {"field": k, "value": json.dumps(v) if isinstance(v, (list, dict)) else v}
+        for k, v in description.items()
+    ]
+    click.echo(render_table(rows, ("field", "value")))

@@ -1,0 +1,41 @@
+"""``coatnet-export validate``: re-check an export against its PyTorch reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from coatnet_export.cli.options import gate_options, validation_inputs_options
+from coatnet_export.console import Progress, render_table
+from coatnet_export.errors import GateFailed
+from coatnet_export.metadata import write_json
+from coatnet_export.validate import RESULT_COLUMNS, Gates
+
+
+@click.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "--checkpoint",
+    type=click.Path(path_type=Path),
+    help="The checkpoint the model was exported from (default: the seeded weights "
+    "recorded in the model).",
+)
+@validation_inputs_options
+@gate_options
+def validate(
+    model: Path, checkpoint: Path | None, images, samples, report, threads, max_rel_error, min_top1
+) -> None:
+    """Validate an existing export (directory or .onnx file) against PyTorch."""
+    from coatnet_export.revalidate import revalidate
+
+    gates = Gates(max_rel_error, min_top1)
+    result = revalidate(model, checkpoint, list(images), samples, gates, threads, Progress(3))
+    click.echo(render_table([r.as_dict() for r in result.results], RESULT_COLUMNS))
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}")
+    if report:
+        write_json(report, result.report())
+    if not result.passed:
+        raise GateFailed(f"{result.model_path} does not match its PyTorch reference")
+    click.echo(f"{result.model_path} matches its PyTorch reference")

@@ -1,0 +1,56 @@
+"""Runtimes that run an exported model: one small interface, one module per runtime.
+
+``load_model(path, runtime="onnxruntime", threads=2)`` returns a :class:`LoadedModel` whose
+``run(batch)`` gives the logits. validate, bench, the quantize report and predict all run
+models through it, so every runtime meets the same parity gates. Optional runtimes import
+their library only when asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from coatnet_export.errors import InputError
+
+RUNTIMES = ("onnxruntime",)
+"""Runtime names accepted by ``--runtime``."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a runtime should run a model."""
+
+    threads: int | None = None
+    """Intra-op threads (None: the runtime's default, all cores)."""
+    spinning: bool = True
+    """Let idle worker threads spin (off for fair interleaved timing)."""
+    low_memory: bool = False
+    """Hold the weights once: no pre-packing, no arena (large models)."""
+    precision: str = "f32"
+    """Inference precision where a runtime may choose (OpenVINO: f32 or bf16)."""
+
+
+class LoadedModel(Protocol):
+    """A model ready to run: ``run`` takes one input batch and returns the first output."""
+
+    name: str
+    """The runtime's name, e.g. ``onnxruntime``."""
+    input_name: str
+
+    def run(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+def load_model(
+    path: Path, runtime: str = "onnxruntime", options: RunOptions | None = None
+) -> LoadedModel:
+    """Load ``path`` into the named runtime."""
+    options = options or RunOptions()
+    if runtime == "onnxruntime":
+        from coatnet_export.runtimes.onnxruntime import OrtModel
+
+        return OrtModel(path, options)
+    raise InputError(f"unknown runtime {runtime!r} (choose one of {', '.join(RUNTIMES)})")
