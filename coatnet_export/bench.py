@@ -22,6 +22,7 @@ class LatencyStats:
     """Latency percentiles of one candidate at one batch size and thread count."""
 
     name: str
+    runtime: str
     batch: int
     threads: int
     runs: int
@@ -60,7 +61,12 @@ def time_interleaved(
 
 
 def summarize(
-    name: str, seconds: list[float], batch: int, threads: int, macs_per_image: int | None = None
+    name: str,
+    seconds: list[float],
+    batch: int,
+    threads: int,
+    macs_per_image: int | None = None,
+    runtime: str = "onnxruntime",
 ) -> LatencyStats:
     """Percentiles in milliseconds, throughput, and achieved GFLOP/s (2 FLOPs per MAC)."""
     ms = np.asarray(seconds) * 1000
@@ -68,6 +74,7 @@ def summarize(
     gflops = None if macs_per_image is None else 2 * macs_per_image * batch / (p50 / 1000) / 1e9
     return LatencyStats(
         name,
+        runtime,
         batch,
         threads,
         len(seconds),
@@ -126,23 +133,30 @@ def run_measured(argv: list[str], env: dict[str, str] | None = None) -> ProcessR
 
 @dataclass
 class BenchTarget:
-    """One thing to time: a name and a factory that returns ``run(batch_array)``."""
+    """One thing to time: a name, its runtime and a factory that returns ``run(batch_array)``."""
 
     name: str
     make_runner: Callable[[int], Callable[[np.ndarray], object]]
     """Called with a thread count; returns a callable that runs one batch."""
+    runtime: str = "onnxruntime"
+
+    @property
+    def key(self) -> str:
+        """Unique among the targets of one benchmark (a model may run in several runtimes)."""
+        return f"{self.name} [{self.runtime}]"
 
 
-def onnx_target(name: str, path) -> BenchTarget:
-    """An ONNX file in onnxruntime (CPU, all optimisations, no spinning between calls)."""
-    from coatnet_export.runtimes.onnxruntime import make_session
+def model_target(name: str, path, runtime: str = "onnxruntime", precision: str = "f32"):
+    """An ONNX file in ``runtime`` (CPU; onnxruntime: all optimisations, no spinning between
+    calls; OpenVINO: ``precision``, latency mode)."""
+    from coatnet_export.runtimes import RunOptions, load_model
 
     def make_runner(threads: int):
-        session = make_session(path, threads, spinning=False)
-        input_name = session.get_inputs()[0].name
-        return lambda x: session.run(None, {input_name: x})
+        options = RunOptions(threads, spinning=False, precision=precision)
+        return load_model(path, runtime, options).run
 
-    return BenchTarget(name, make_runner)
+    label = runtime if precision == "f32" else f"{runtime} {precision}"
+    return BenchTarget(name, make_runner, label)
 
 
 def torch_target(model) -> BenchTarget:
@@ -157,7 +171,7 @@ def torch_target(model) -> BenchTarget:
 
         return run
 
-    return BenchTarget("pytorch eager", make_runner)
+    return BenchTarget("pytorch eager", make_runner, "pytorch")
 
 
 def benchmark(
@@ -177,7 +191,7 @@ def benchmark(
     for thread_count in threads:
         progress(f"{thread_count} thread(s): matmul peak")
         peaks[thread_count] = matmul_peak_gflops(thread_count)
-        runners = {t.name: t.make_runner(thread_count) for t in targets}
+        runners = {t.key: t.make_runner(thread_count) for t in targets}
         for batch in batches:
             progress(
                 f"{thread_count} thread(s), batch {batch}: {len(targets)} target(s) x {runs} runs"
@@ -187,7 +201,8 @@ def benchmark(
                 {n: (lambda r=r, x=x: r(x)) for n, r in runners.items()}, warmup, runs
             )
             rows += [
-                summarize(n, s, batch, thread_count, macs_per_image) for n, s in samples.items()
+                summarize(t.name, samples[t.key], batch, thread_count, macs_per_image, t.runtime)
+                for t in targets
             ]
     return rows, peaks
 
@@ -227,8 +242,11 @@ def plan_bench(
     with_torch: bool,
     workdir,
     say: Callable[[str], None],
+    runtimes: tuple[str, ...] = ("onnxruntime",),
+    precision: str = "f32",
 ) -> BenchPlan:
-    """Targets for ``coatnet-export bench``: the given ONNX models, and PyTorch eager."""
+    """Targets for ``coatnet-export bench``: the given ONNX models in every runtime, and PyTorch
+    eager. ``precision`` applies to OpenVINO."""
     from pathlib import Path
 
     from coatnet_export.console import Progress
@@ -276,7 +294,9 @@ def plan_bench(
         labels["pytorch eager"] = f"{architecture.name} (seeded weights)"
     for path, kind, _ in described:
         name = kind if kind not in labels else f"{kind} ({path.name})"
-        targets.append(onnx_target(name, path))
         labels[name] = str(path)
+        for runtime in runtimes:
+            openvino_precision = precision if runtime == "openvino" else "f32"
+            targets.append(model_target(name, path, runtime, openvino_precision))
     macs = count_macs(architecture.build(size, classes, channels, device="meta"))
     return BenchPlan(targets, labels, (channels, *size), macs)

@@ -38,6 +38,8 @@ class ExportMetadata:
     seed: int | None = None
     checkpoint_format: str | None = None
     labels: list[str] | None = None
+    attention: str = "matmul"
+    """How attention is in the graph: "fused" (ONNX Attention nodes) or "matmul"."""
     quantization: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -83,5 +85,30 @@ def write_props(model: onnx.ModelProto, metadata: ExportMetadata) -> None:
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write JSON atomically: to a temporary name beside ``path``, then rename."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write (disk full) leaves nothing behind
+
+
+def record_artefacts(export_dir: Path, artefacts: dict[str, tuple[str, str]]) -> None:
+    """Record files of ``export_dir`` in its manifest.json under "artefacts".
+
+    ``artefacts`` maps a path relative to ``export_dir`` to (kind, purpose); each entry gets its
+    size in bytes (a folder: all its files). Entries whose file is gone are dropped.
+    """
+    path = export_dir / "manifest.json"
+    manifest = json.loads(path.read_text()) if path.is_file() else {}
+    entries = manifest.setdefault("artefacts", {})
+    for name, (kind, purpose) in artefacts.items():
+        entries[name] = {"kind": kind, "purpose": purpose, "bytes": _bytes(export_dir / name)}
+    for name in [n for n in entries if not (export_dir / n).exists()]:
+        del entries[name]
+    write_json(path, manifest)
+
+
+def _bytes(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size

@@ -1,39 +1,244 @@
-"""Output directories that appear whole or not at all: build in a staging folder, then rename."""
+"""Outputs that appear whole or not at all, checked before the work starts.
+
+A directory output: :func:`claim` (check the destination, lock it against a second writer,
+remove what a killed run left behind) -> :func:`staging` (a hidden folder beside it) ->
+:func:`publish` (renames, with signals held back). A file output: :func:`check_output_file`
+up front, then :func:`atomic_file` to write it under a temporary name and rename it.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
+import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from coatnet_export.errors import InputError
+from coatnet_export.errors import InputError, os_error_message, signals_deferred
+
+STALE_PATTERNS = ("partial-*", "old-*", "probe-*")
+"""Hidden siblings ``.NAME.<pattern>`` that a run killed by SIGKILL can leave behind."""
 
 
-def check_destination(final: Path, force: bool) -> None:
-    """Fail early if ``final`` exists (without ``force``) or its parent cannot be written."""
-    if final.exists() and not force:
-        raise InputError(
-            f"output {final} already exists; pass --force to replace it, or choose another --output"
-        )
-    if final.exists() and not final.is_dir():
-        raise InputError(f"output {final} exists and is not a directory")
-    parent = final.parent
+def absolute(path: Path) -> Path:
+    """``path`` made absolute and normalised (``out/..`` and ``.`` resolved by name)."""
+    return Path(os.path.abspath(path))
+
+
+def check_destination(final: Path, force: bool, inputs: Iterable[Path] = ()) -> None:
+    """Fail early if ``final`` cannot be (re)placed: exists without ``force``, is a symlink or
+    a file, holds the current directory or one of ``inputs``, or its parent is not writable.
+    """
+    final = absolute(final)
+    _check_not_symlink(final, "--output")
+    if final.exists():
+        if not force:
+            raise InputError(
+                f"output {final} already exists; pass --force to replace it, or choose "
+                "another --output"
+            )
+        if not final.is_dir():
+            raise InputError(f"output {final} exists and is not a directory")
+        _check_not_holding(final, inputs)
+    _check_writable_dir(_existing_ancestor(final.parent), "--output")
+
+
+def _check_not_symlink(path: Path, option: str) -> None:
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.mkdtemp(prefix=f".{final.name}.probe-", dir=parent)
+        is_link = path.is_symlink()
+        if is_link:
+            os.stat(path)
+    except OSError as exc:
+        raise InputError(f"{option} {path}: {os_error_message(exc, doing='resolving')}") from None
+    if is_link:
+        raise InputError(
+            f"{option} {path} is a symbolic link (to {os.readlink(path)}); give the "
+            "directory it points to, or another path"
+        )
+
+
+def _check_not_holding(final: Path, inputs: Iterable[Path]) -> None:
+    cwd = Path.cwd().resolve()
+    real = final.resolve()
+    if cwd == real or real in cwd.parents:
+        raise InputError(
+            f"output {final} is the current directory or holds it: --force would delete it "
+            "(choose a new directory for --output)"
+        )
+    for path in inputs:
+        if real in absolute(path).resolve().parents:
+            raise InputError(
+                f"output {final} holds the input {path}: --force would delete it (move the "
+                "input, or choose another --output)"
+            )
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        if path.is_symlink():  # a dangling link or a loop in the path
+            _check_not_symlink(path, "--output")
+        path = path.parent
+    return path
+
+
+def _check_writable_dir(directory: Path, option: str) -> None:
+    if not directory.is_dir():
+        raise InputError(f"{option}: {directory} is not writable: it is a file, not a directory")
+    try:
+        Path(tempfile.mkdtemp(prefix=".coatnet-export.probe-", dir=directory)).rmdir()
     except OSError as exc:
         raise InputError(
-            f"output directory {parent} is not writable ({exc.strerror or exc})"
+            f"{option}: directory {directory} is not writable "
+            f"({os_error_message(exc, option=option)})"
         ) from None
-    Path(probe).rmdir()
+
+
+def check_output_file(path: Path, option: str = "--report") -> None:
+    """Fail early if ``path`` cannot be written as a file: its directory must exist and be
+    writable, and ``path`` must not be a directory, a symlink loop or a special file.
+    """
+    path = absolute(path)
+    try:
+        parent = os.stat(path.parent)
+    except FileNotFoundError:
+        raise InputError(
+            f"{option} {path}: directory {path.parent} does not exist (create it first, or "
+            f"choose another {option})"
+        ) from None
+    except OSError as exc:
+        raise InputError(f"{option} {path}: {os_error_message(exc, doing='resolving')}") from None
+    if not stat.S_ISDIR(parent.st_mode):
+        raise InputError(f"{option} {path}: {path.parent} is not a directory")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:
+        raise InputError(f"{option} {path}: {os_error_message(exc, doing='resolving')}") from None
+    if mode is not None and stat.S_ISDIR(mode):
+        raise InputError(f"{option} {path} is a directory (give a file name)")
+    if mode is not None and not stat.S_ISREG(mode):
+        raise InputError(f"{option} {path} exists and is not a regular file")
+    _check_writable_dir(path.parent, option)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path``; renamed onto it when the block succeeds."""
+    path = absolute(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        Path(tmp).replace(path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def lock(final: Path, option: str = "--output") -> Iterator[None]:
+    """An exclusive lock on writing ``final``: ``.NAME.lock`` beside it, held by flock.
+
+    A second holder fails at once, naming the first one's pid. The lock file is removed on
+    release; a holder that finds its file replaced meanwhile locks the new one instead.
+    """
+    final = absolute(final)
+    path = final.parent / f".{final.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise InputError(
+                f"another coatnet-export is writing {final} (pid {holder}); wait for it to "
+                f"finish, or choose another {option}"
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed the file after we opened it: retry
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def claim(final: Path, force: bool, inputs: Iterable[Path] = ()) -> Iterator[Path]:
+    """Check ``final``, create its parents, lock it and clean stale staging; yields it absolute.
+
+    Parents created here are removed again if the block fails, so a failed command leaves
+    the file system as it found it.
+    """
+    final = absolute(final)
+    check_destination(final, force, inputs)
+    created = _make_parents(final.parent)
+    try:
+        with lock(final):
+            check_destination(final, force, inputs)  # another run may have published meanwhile
+            clean_stale(final)
+            yield final
+    except BaseException:
+        for directory in reversed(created):
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        raise
+
+
+def _make_parents(directory: Path) -> list[Path]:
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+        except OSError as exc:
+            raise InputError(os_error_message(exc, path, "creating")) from None
+    return list(reversed(missing))
+
+
+def clean_stale(final: Path) -> list[Path]:
+    """Remove staging folders that a killed run left beside ``final``; call with the lock held.
+
+    If a run was killed between its two renames (the old output moved aside, the new one not
+    yet in place), the old output is put back first.
+    """
+    final = absolute(final)
+    siblings = {
+        p for pattern in STALE_PATTERNS for p in final.parent.glob(f".{final.name}.{pattern}")
+    }
+    backups = sorted(
+        (p for p in siblings if p.name.startswith(f".{final.name}.old-")),
+        key=lambda p: p.stat().st_mtime,
+    )
+    if backups and not final.exists():
+        backups[-1].rename(final)
+        siblings.discard(backups[-1])
+    for path in siblings:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return sorted(siblings)
 
 
 @contextlib.contextmanager
 def staging(final: Path) -> Iterator[Path]:
     """A fresh hidden folder beside ``final``; removed on error unless it was published."""
+    final = absolute(final)
     stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
         yield stage
@@ -42,14 +247,19 @@ def staging(final: Path) -> Iterator[Path]:
 
 
 def publish(stage: Path, final: Path) -> None:
-    """Move ``stage`` to ``final`` (replacing what was there) with renames on one filesystem."""
+    """Move ``stage`` to ``final`` (replacing what was there) with renames on one filesystem.
+
+    Not after a signal (even one a library swallowed), and signals wait until it is done.
+    """
+    final = absolute(final)
     umask = os.umask(0)
     os.umask(umask)
     stage.chmod(0o777 & ~umask)  # mkdtemp makes it private; give it a normal folder's mode
-    backup = None
-    if final.exists():
-        backup = final.with_name(f".{final.name}.old-{stage.name.rsplit('-', 1)[-1]}")
-        final.rename(backup)
-    stage.rename(final)
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
+    with signals_deferred():
+        backup = None
+        if final.exists():
+            backup = final.with_name(f".{final.name}.old-{stage.name.rsplit('-', 1)[-1]}")
+            final.rename(backup)
+        stage.rename(final)
+        if backup is not None:
+            shutil.rmtree(backup, ignore_errors=True)

@@ -10,9 +10,10 @@ import math
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -96,15 +97,21 @@ def list_images(paths: Iterable[Path]) -> list[Path]:
     return found
 
 
+def open_image(source: Path | BinaryIO) -> Image.Image:
+    """Decode an image file fully and turn it upright as its EXIF orientation says, as browsers
+    and photo viewers show it (a phone photo is often stored sideways with a rotation tag)."""
+    with Image.open(source) as image:
+        image.load()
+        return ImageOps.exif_transpose(image)
+
+
 def load_images(
     paths: Iterable[Path], preprocessing: Preprocessing
 ) -> Iterator[tuple[Path, np.ndarray | None, str | None]]:
     """Yield (path, array, None) for each readable image and (path, None, reason) otherwise."""
     for path in paths:
         try:
-            with Image.open(path) as image:
-                image.load()
-                yield path, preprocessing(image), None
+            yield path, preprocessing(open_image(path)), None
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             yield path, None, reason

@@ -9,6 +9,7 @@ from pathlib import Path
 from coatnet_export.console import Progress
 from coatnet_export.errors import InputError
 from coatnet_export.inspect import load_proto, metadata_of, resolve_model_path
+from coatnet_export.metadata import ExportMetadata
 from coatnet_export.sources.checkpoint import read_checkpoint
 from coatnet_export.sources.model_source import (
     ModelSpec,
@@ -16,14 +17,33 @@ from coatnet_export.sources.model_source import (
     plan_model,
     weights_sha256,
 )
+from coatnet_export.sources.resources import check_memory
 from coatnet_export.validate import (
+    NOTHING_TO_VALIDATE,
     CaseResult,
     Gates,
     add_reference_outputs,
     build_cases,
+    nothing_to_validate,
     validate_onnx,
 )
 from models import Numerics, VariantSpec
+
+LARGE_BATCH = 4
+"""The batch of random inputs that exercises a dynamic batch axis."""
+
+
+def recorded_architecture(
+    model_path: Path, metadata: ExportMetadata
+) -> tuple[VariantSpec, Numerics]:
+    """The architecture and numerics the metadata records; damaged ones are an InputError."""
+    try:
+        return VariantSpec.from_dict(metadata.architecture), Numerics(**metadata.numerics)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(
+            f"{model_path}: its coatnet-export metadata is damaged: the architecture or "
+            f"numerics cannot be read ({type(exc).__name__}: {exc}); re-export the model"
+        ) from None
 
 
 @dataclass
@@ -31,6 +51,7 @@ class Revalidation:
     model_path: Path
     results: list[CaseResult]
     warnings: list[str] = field(default_factory=list)
+    runtime: str = "onnxruntime"
 
     @property
     def passed(self) -> bool:
@@ -39,6 +60,7 @@ class Revalidation:
     def report(self) -> dict:
         return {
             "model": str(self.model_path),
+            "runtime": self.runtime,
             "passed": self.passed,
             "results": [r.as_dict() for r in self.results],
             "warnings": self.warnings,
@@ -53,10 +75,13 @@ def revalidate(
     gates: Gates,
     threads: int | None,
     progress: Progress,
+    runtime: str = "onnxruntime",
+    precision: str = "f32",
 ) -> Revalidation:
-    """Rebuild the reference the metadata describes and compare it with the ONNX model."""
+    """Rebuild the reference the metadata describes and compare it with the ONNX model run in
+    ``runtime``."""
     model_path = resolve_model_path(path)
-    metadata = metadata_of(load_proto(model_path))
+    metadata = metadata_of(load_proto(model_path), model_path)
     if metadata is None:
         raise InputError(
             f"{model_path} has no coatnet-export metadata, so its architecture is "
@@ -64,15 +89,14 @@ def revalidate(
         )
     if checkpoint is None and metadata.seed is None:
         raise InputError(f"{model_path} was exported from {metadata.weights}; pass --checkpoint")
-    architecture = VariantSpec.from_dict(metadata.architecture)
+    batch = None if metadata.batch == "dynamic" else int(metadata.batch)
+    if nothing_to_validate(samples, batch, LARGE_BATCH, images, recorded=False):
+        raise InputError(NOTHING_TO_VALIDATE)
+    architecture, numerics = recorded_architecture(model_path, metadata)
     img_size = (metadata.img_size[0], metadata.img_size[1])
     if checkpoint is None:
         spec = ModelSpec(
-            architecture,
-            img_size,
-            metadata.in_channels,
-            metadata.num_classes,
-            Numerics(**metadata.numerics),
+            architecture, img_size, metadata.in_channels, metadata.num_classes, numerics
         )
         state_dict = None
     else:
@@ -80,8 +104,9 @@ def revalidate(
         spec, state_dict = plan_model(
             architecture, source, img_size, metadata.in_channels, metadata.num_classes
         )
+    held = samples * (batch or 1) + (LARGE_BATCH if batch is None else 0)
+    check_memory(spec, batch or LARGE_BATCH, held, "the model is too large for this machine")
     preprocessing = metadata.preprocessing()
-    batch = None if metadata.batch == "dynamic" else int(metadata.batch)
     warnings = []
     with progress.step("building the PyTorch reference"):
         reference = load_reference(spec, state_dict, str(checkpoint), metadata.seed or 0)
@@ -97,7 +122,7 @@ def revalidate(
             metadata.seed or 0,
             samples,
             batch,
-            4,
+            LARGE_BATCH,
             images,
             preprocessing,
         )
@@ -105,6 +130,8 @@ def revalidate(
         warnings += [f"skipped unreadable image {s}" for s in skipped]
     del reference, state_dict
     gc.collect()
-    with progress.step(f"validating {len(cases)} case(s) in onnxruntime"):
-        results = validate_onnx(model_path, cases, gates, threads=threads)
-    return Revalidation(model_path, results, warnings)
+    with progress.step(f"validating {len(cases)} case(s) in {runtime}"):
+        results = validate_onnx(
+            model_path, cases, gates, threads=threads, runtime=runtime, precision=precision
+        )
+    return Revalidation(model_path, results, warnings, runtime)

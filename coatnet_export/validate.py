@@ -1,7 +1,9 @@
-"""Parity between the PyTorch reference and the exported model in onnxruntime."""
+"""Parity between the PyTorch reference and the exported model in onnxruntime or OpenVINO."""
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import torch
 
 from coatnet_export.errors import InputError
 from coatnet_export.preprocess import Preprocessing, list_images, load_images
-from coatnet_export.runtimes.onnxruntime import make_session, run_session
+from coatnet_export.runtimes import RunOptions, load_model
 from models import CoAtNet
 
 
@@ -124,17 +126,52 @@ RECORDED_GATES = Gates(max_rel_error=1e-5, min_top1=1.0)
 """Gates against outputs recorded in the training framework (float32 ONNX vs its own numerics)."""
 
 
-def recorded_case(
-    path: Path, in_channels: int, img_size: tuple[int, int], num_classes: int, batch: int | None
-) -> Case:
-    """A case whose reference comes from an ``.npz`` with inputs ``x`` and outputs ``y``."""
+def nothing_to_validate(
+    samples: int, batch: int | None, large_batch: int, images: list[Path], recorded: bool
+) -> bool:
+    """True when these settings would validate no case at all (a vacuous pass)."""
+    return samples == 0 and not images and not recorded and not (batch is None and large_batch > 1)
+
+
+NOTHING_TO_VALIDATE = (
+    "nothing to validate: --samples 0 with a fixed --batch and no --images (give --samples 1 "
+    "or more, or --images; or pass --no-validate to skip validation knowingly)"
+)
+
+
+def read_recorded(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs ``x`` (float32) and outputs ``y`` of an ``.npz``; every damage is an InputError."""
+    usage = f"reference outputs {path} must be an .npz with float arrays 'x' (N, C, H, W) and 'y'"
+    if not zipfile.is_zipfile(path):
+        reason = "it does not exist" if not path.exists() else "it is not an .npz (zip) archive"
+        raise InputError(f"{usage} ({reason})")
     try:
         with np.load(path, allow_pickle=False) as data:
-            x, y = np.asarray(data["x"], np.float32), np.asarray(data["y"])
-    except (OSError, ValueError, KeyError) as exc:
-        raise InputError(
-            f"reference outputs {path} must be an .npz with arrays 'x' and 'y' ({exc})"
-        ) from None
+            missing = [name for name in ("x", "y") if name not in data.files]
+            if missing:
+                raise InputError(f"{usage} (it has no array {', '.join(map(repr, missing))})")
+            x, y = np.asarray(data["x"]), np.asarray(data["y"])
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise InputError(f"{usage} (it is damaged or truncated: {exc})") from None
+    for name, array in (("x", x), ("y", y)):
+        if array.dtype.kind not in "fiu":
+            raise InputError(f"{usage} ({name} has dtype {array.dtype}, not real numbers)")
+        if not np.isfinite(array).all():
+            raise InputError(f"{usage} ({name} holds NaN or infinite values)")
+    return x.astype(np.float32), y
+
+
+def recorded_case(
+    path: Path,
+    arrays: tuple[np.ndarray, np.ndarray],
+    in_channels: int,
+    img_size: tuple[int, int],
+    num_classes: int,
+    batch: int | None,
+) -> Case:
+    """A case whose reference comes from recorded inputs ``x`` and outputs ``y`` (see
+    :func:`read_recorded`), checked against the model's input and output shapes."""
+    x, y = arrays
     expected = (in_channels, *img_size)
     if x.ndim != 4 or x.shape[1:] != expected or y.shape != (x.shape[0], num_classes):
         raise InputError(
@@ -142,6 +179,8 @@ def recorded_case(
             f"model taking (N, {', '.join(map(str, expected))}) and giving "
             f"(N, {num_classes})"
         )
+    if x.shape[0] == 0:
+        raise InputError(f"reference outputs {path} hold no inputs (x has 0 rows)")
     if batch is not None and x.shape[0] != batch:
         raise InputError(
             f"reference outputs {path} hold {x.shape[0]} inputs but the export has "
@@ -196,14 +235,19 @@ def validate_onnx(
     gates: Gates,
     threads: int | None = None,
     low_memory: bool = False,
+    runtime: str = "onnxruntime",
+    precision: str = "f32",
 ) -> list[CaseResult]:
-    """Run every case through onnxruntime and compare with its reference outputs."""
-    session = make_session(path, threads=threads, low_memory=low_memory)
+    """Run every case through ``runtime`` and compare with its reference outputs."""
+    if not cases:
+        raise InputError(NOTHING_TO_VALIDATE)
+    options = RunOptions(threads, low_memory=low_memory, precision=precision)
+    model = load_model(path, runtime, options)
     results = [
-        compare(case.name, case.reference, run_session(session, case.inputs), case.gates or gates)
+        compare(case.name, case.reference, model.run(case.inputs), case.gates or gates)
         for case in cases
     ]
-    del session
+    del model
     return results
 
 

@@ -178,6 +178,9 @@ class RelativeAttention(nn.Module):
         )
         self.reset_index()
         self.register_buffer("baked_bias", None, persistent=False)
+        self.onnx_attention = False
+        """Compute attention as one ONNX ``Attention`` operator (set for export at opset 23 by
+        ``coatnet_export``); eager training and inference keep the matrix products."""
         self.to_qkv = nn.Linear(in_channels, 3 * inner, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner, out_channels), nn.Dropout(0.0))
 
@@ -193,8 +196,9 @@ class RelativeAttention(nn.Module):
         return gathered.reshape(n, n, self.num_heads).permute(2, 0, 1)
 
     def bake_bias(self) -> Tensor:
-        """Freeze the bias for this resolution into a constant buffer (for export) and return it."""
-        baked = self.relative_bias().detach().clone().contiguous()
+        """Freeze the bias for this resolution into a constant (1, heads, N, N) buffer (for
+        export) and return it; the leading 1 spares the graph an Unsqueeze."""
+        baked = self.relative_bias().detach()[None].clone().contiguous()
         self.register_buffer("baked_bias", baked, persistent=False)
         return baked
 
@@ -206,6 +210,8 @@ class RelativeAttention(nn.Module):
         self.scale = 1.0
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.onnx_attention:
+            return self.forward_onnx_attention(x)
         # shapes are Python constants except the batch (-1): the graph needs no shape arithmetic
         tokens, heads = self.num_tokens, self.num_heads
         qkv = self.to_qkv(x).reshape(-1, tokens, 3, heads, DIM_HEAD).permute(2, 0, 3, 1, 4)
@@ -217,6 +223,23 @@ class RelativeAttention(nn.Module):
         scores = scores + bias
         out = scores.softmax(dim=-1) @ v
         return self.to_out(out.transpose(1, 2).reshape(-1, tokens, heads * DIM_HEAD))
+
+    def forward_onnx_attention(self, x: Tensor) -> Tensor:
+        """The same attention as one ONNX ``Attention`` node (opset 23) on (B, N, heads x 32)
+        queries, keys and values: the head split and merge happen inside the operator, so the
+        graph has no reshapes or transposes around it."""
+        q, k, v = self.to_qkv(x).chunk(3, dim=-1)
+        bias = self.baked_bias if self.baked_bias is not None else self.relative_bias()[None]
+        out, *_ = torch.onnx.ops.attention(
+            q,
+            k,
+            v,
+            bias,
+            q_num_heads=self.num_heads,
+            kv_num_heads=self.num_heads,
+            scale=self.scale,
+        )
+        return self.to_out(out)
 
 
 class ToTokens(nn.Module):

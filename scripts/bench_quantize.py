@@ -1,13 +1,19 @@
-"""Benchmark int8 quantization: speed on coatnet_0, accuracy on the trained digits fixture.
+"""Benchmark int8 quantization: every variant's cost and result, and the recipes compared.
 
-    python scripts/bench_quantize.py [--runs 20] [--json out.json]
+    python scripts/bench_quantize.py --variants coatnet_0 --images 16,64,128
+    python scripts/bench_quantize.py --variants coatnet_2,coatnet_5 --images 64 --json out.json
+    python scripts/bench_quantize.py --recipes
 
-1. Wall time of `coatnet-export quantize` on a seeded coatnet_0 with 64 calibration images
-   (crops of scikit-learn's sample photographs).
-2. For each quantization recipe (which ops become int8): coatnet_0 int8 vs fp32 p50 latency,
-   batch 1 and 8, --threads threads, fp32 and every recipe interleaved in one run; and on the
-   digits fixture (trained, see scripts/train_fixture.py) top-1 agreement with fp32, accuracy
-   of both and the smallest cosine similarity over the 360 held-out images.
+1. Variants (``--variants``, default all eight): each is exported with seeded weights (a
+   `coatnet-export` subprocess), then `coatnet-export quantize` runs as a measured subprocess
+   for each ``--images`` count of calibration images (crops of scikit-learn's sample
+   photographs; 16 other crops are held out). The table: wall time and peak RSS of the
+   quantize command (the kernel's rusage), peak RSS over the fp32 weight bytes, int8 size over
+   fp32 size, the gate's metric and value, top-1 agreement, and the batch-1 speed-up.
+2. Recipes (``--recipes``): for each quantization recipe (which ops become int8), coatnet_0
+   int8 vs fp32 p50 latency at batch 1 and 8, fp32 and every recipe interleaved in one run;
+   and on the digits fixture (trained, see scripts/train_fixture.py) top-1 agreement with
+   fp32, accuracy of both and the smallest cosine similarity over the 360 held-out images.
 """
 
 from __future__ import annotations
@@ -19,37 +25,46 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 from PIL import Image
 
 from coatnet_export.bench import run_measured
-from coatnet_export.console import Progress, quiet_libraries, render_table
+from coatnet_export.console import Progress, render_table
 from coatnet_export.export.pipeline import ExportOptions, run_export
 from coatnet_export.preprocess import Preprocessing
-from coatnet_export.quantize.graph import RECIPES, compact_biases, prepare
-from coatnet_export.quantize.pipeline import (
-    CpuInt8,
-    ImageReader,
-    QuantOptions,
-    agreement,
-    choose_types,
-    latency,
-    load_proto,
-    outputs,
-    quantize_once,
-    read_image_folder,
-)
-from models import get_variant
+from coatnet_export.quantize.calibrate import SessionPlan, calibrate, image_inputs
+from coatnet_export.quantize.evaluate import agreement, latency, logits
+from coatnet_export.quantize.graph import RECIPES, prepare
+from coatnet_export.quantize.pipeline import QuantOptions, quantize_once
+from coatnet_export.quantize.presets import choose_types
+from models import VARIANTS, get_variant
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 from train_fixture import PREPROCESSING, split, write_images  # noqa: E402
 
+HELD_OUT = 16
+VARIANT_COLUMNS = (
+    "variant",
+    "images",
+    "wall_s",
+    "peak_rss_gib",
+    "peak_over_weights",
+    "fp32_mib",
+    "int8_mib",
+    "int8_share",
+    "gate",
+    "top1_agreement",
+    "min_cosine",
+    "speedup_b1",
+)
 
-def photo_crops(folder: Path, count: int) -> None:
+
+def photo_crops(folder: Path, count: int, seed: int = 0) -> None:
     """``count`` deterministic random crops of scikit-learn's sample photographs."""
     from sklearn.datasets import load_sample_images
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     photos = load_sample_images().images
     folder.mkdir(parents=True)
     for i in range(count):
@@ -60,143 +75,172 @@ def photo_crops(folder: Path, count: int) -> None:
         Image.fromarray(photo[top : top + side, left : left + side]).save(folder / f"{i:03d}.jpg")
 
 
-def prepared(model: Path, work: Path) -> Path:
-    pre = work / f"{model.parent.name}.pre.onnx"
-    prepare(model, pre)
-    return pre
+def coatnet(*args: str) -> list[str]:
+    return [sys.executable, "-m", "coatnet_export", *args]
+
+
+def bench_variant(name: str, counts: list[int], work: Path, args) -> list[dict]:
+    """Export ``name`` (seeded), then quantize it once per calibration image count."""
+    export = work / name
+    print(f"exporting {name} ...", file=sys.stderr)
+    exported = run_measured(coatnet("--variant", name, "--output", str(export), "--no-validate"))
+    if exported.returncode != 0:
+        print(exported.output[-3000:], file=sys.stderr)
+        return [{"variant": name, "gate": f"export failed ({exported.returncode})"}]
+    fp32_bytes = sum(p.stat().st_size for p in export.glob("model.onnx*"))
+    rows = []
+    for count in counts:
+        print(f"quantizing {name} with {count} images ...", file=sys.stderr)
+        run = run_measured(
+            coatnet(
+                "quantize",
+                str(export),
+                "--calibration-data",
+                str(work / f"photos{count}"),
+                "--calibration-samples",
+                str(count),
+                "--eval-data",
+                str(work / "held_out"),
+                "--threads",
+                str(args.threads),
+                "--latency-runs",
+                str(args.runs),
+            )
+        )
+        if run.returncode not in (0, 1):
+            print(run.output[-3000:], file=sys.stderr)
+            rows.append({"variant": name, "images": count, "gate": f"failed ({run.returncode})"})
+            continue
+        report = json.loads((export / "quantization.json").read_text())
+        gate = report["gate"]
+        rows.append(
+            {
+                "variant": name,
+                "images": count,
+                "wall_s": run.wall_s,
+                "peak_rss_gib": run.peak_rss_bytes / 2**30,
+                "peak_over_weights": run.peak_rss_bytes / fp32_bytes,
+                "fp32_mib": report["sizes"]["fp32"] / 2**20,
+                "int8_mib": report["sizes"]["int8"] / 2**20,
+                "int8_share": report["sizes"]["int8"] / report["sizes"]["fp32"],
+                "gate": f"{gate['metric']} {gate['value']:.4f}"
+                + ("" if report["passed"] else " FAILED"),
+                "top1_agreement": report["agreement"]["top1"],
+                "min_cosine": report["agreement"]["min_cosine"],
+                "speedup_b1": report["speedup"],
+                "export_peak_rss_gib": exported.peak_rss_bytes / 2**30,
+                "low_memory_sessions": report["low_memory_sessions"],
+                "notes": report["notes"],
+            }
+        )
+        print(render_table(rows[-1:], VARIANT_COLUMNS), file=sys.stderr)
+    if not args.keep:
+        for path in export.glob("model*.onnx*"):
+            path.unlink()
+    return rows
+
+
+def bench_recipes(work: Path, args) -> list[dict]:
+    """Every recipe: coatnet_0 speed against fp32, digits accuracy against fp32."""
+    print("exporting coatnet_0 and the digits fixture ...", file=sys.stderr)
+    c0 = run_export(
+        ExportOptions(architecture=get_variant("coatnet_0"), output=work / "c0", validate=False),
+        Progress(4, enabled=False),
+    ).directory
+    digits = run_export(
+        ExportOptions(
+            architecture=None,
+            output=work / "digits",
+            checkpoint=ROOT / "tests/fixtures/digits/digits.safetensors",
+            mean=(0.5,),
+            std=(0.5,),
+            crop_pct=1.0,
+            validate=False,
+        ),
+        Progress(4, enabled=False),
+    ).directory
+    train, test = split()
+    write_images(work / "digits_calibration", train[:64])
+    write_images(work / "digits_test", test)
+    labels = [str(d) for d in range(10)]
+    photos, _ = image_inputs(work / "photos16", Preprocessing((224, 224)), None, 16)
+    calibration, _ = image_inputs(work / "digits_calibration", PREPROCESSING, labels, 64)
+    held_out, _ = image_inputs(work / "digits_test", PREPROCESSING, labels, 1000)
+    plan = SessionPlan(args.threads, False, 1, False)
+    choice = choose_types("auto")
+    caches = {}
+    for model, inputs in ((c0, photos), (digits, calibration)):
+        prepare(model / "model.onnx", model / "pre.onnx")
+        caches[model] = calibrate(model / "pre.onnx", inputs, None, "minmax", plan, lambda n: None)
+    reference = logits(digits / "model.onnx", held_out, SessionPlan(args.threads, False, 8, False))
+    rows, c0_int8 = [], {}
+    for index, recipe in enumerate(RECIPES):
+        print(f"recipe {recipe.name} ...", file=sys.stderr)
+        outputs = {}
+        for model in (c0, digits):
+            outputs[model] = model / f"recipe{index}.onnx"
+            exclude = recipe.exclusions(
+                onnx.load(str(model / "pre.onnx"), load_external_data=False)
+            )
+            quantize_once(
+                model / "pre.onnx", outputs[model], QuantOptions(), choice, caches[model],
+                exclude, recipe,
+            )  # fmt: skip
+        c0_int8[recipe.name] = outputs[c0]
+        int8 = logits(outputs[digits], held_out, SessionPlan(args.threads, False, 8, False))
+        agree = agreement(reference, int8, held_out.targets)
+        rows.append(
+            {
+                "recipe": recipe.name,
+                "top1_agreement": agree.top1,
+                "fp32_accuracy": agree.fp32_accuracy,
+                "int8_accuracy": agree.int8_accuracy,
+                "min_cosine": agree.min_cosine,
+            }
+        )
+    for batch in (1, 8):
+        print(f"timing fp32 and every recipe, batch {batch} ...", file=sys.stderr)
+        timed = {"fp32": c0 / "model.onnx", **c0_int8}
+        ms = latency(
+            timed, (3, 224, 224), SessionPlan(args.threads, False, batch, False), args.runs
+        )
+        for row in rows:
+            row[f"fp32_ms_b{batch}"] = ms["fp32"]
+            row[f"int8_ms_b{batch}"] = ms[row["recipe"]]
+            row[f"speedup_b{batch}"] = ms["fp32"] / ms[row["recipe"]]
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
+    parser.add_argument("--images", default="64", help="calibration image counts, e.g. 16,64")
+    parser.add_argument("--recipes", action="store_true", help="compare the recipes instead")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--workdir", type=Path, help="default: a temporary folder")
+    parser.add_argument("--keep", action="store_true", help="keep the exported models")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    counts = [int(c) for c in args.images.split(",")]
     results: dict = {}
-    choice = choose_types(CpuInt8.detect())
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
-        print("exporting coatnet_0 and the digits fixture ...", file=sys.stderr)
-        c0 = (
-            run_export(
-                ExportOptions(
-                    architecture=get_variant("coatnet_0"), output=work / "c0", validate=False
-                ),
-                Progress(4, enabled=False),
-            ).directory
-            / "model.onnx"
-        )
-        digits = (
-            run_export(
-                ExportOptions(
-                    architecture=None,
-                    output=work / "digits",
-                    checkpoint=ROOT / "tests/fixtures/digits/digits.safetensors",
-                    mean=(0.5,),
-                    std=(0.5,),
-                    crop_pct=1.0,
-                    validate=False,
-                ),
-                Progress(4, enabled=False),
-            ).directory
-            / "model.onnx"
-        )
-        photo_crops(work / "photos", 64)
-        train, test = split()
-        write_images(work / "digits_calibration", train[:64])
-        write_images(work / "digits_test", test)
-
-        print("timing `coatnet-export quantize` on coatnet_0 with 64 images ...", file=sys.stderr)
-        run = run_measured(
-            [
-                sys.executable,
-                "-m",
-                "coatnet_export",
-                "quantize",
-                str(c0.parent),
-                "--calibration-data",
-                str(work / "photos"),
-                "--calibration-samples",
-                "64",
-                "--threads",
-                str(args.threads),
-            ]
-        )
-        if run.returncode not in (0, 1):
-            print(run.output[-3000:], file=sys.stderr)
-            sys.exit(1)
-        report = json.loads((c0.parent / "quantization.json").read_text())
-        results["quantize_coatnet_0"] = {
-            "wall_s": run.wall_s,
-            "peak_rss_gib": run.peak_rss_bytes / 2**30,
-            "fp32_mib": report["sizes"]["fp32"] / 2**20,
-            "int8_mib": report["sizes"]["int8"] / 2**20,
-            "int8_share": report["sizes"]["int8"] / report["sizes"]["fp32"],
-            "speedup_batch1": report["speedup"],
-            "choice": report["choice"],
-        }
-        print(
-            render_table(
-                [results["quantize_coatnet_0"]],
-                ("wall_s", "peak_rss_gib", "fp32_mib", "int8_mib", "int8_share", "speedup_batch1"),
-            )
-        )
-
-        c0_pre, digits_pre = prepared(c0, work), prepared(digits, work)
-        photos, _, _ = read_image_folder(work / "photos", Preprocessing((224, 224)), None, 64)
-        labels = [str(d) for d in range(10)]
-        calibration, _, _ = read_image_folder(work / "digits_calibration", PREPROCESSING, labels)
-        held_out, targets, _ = read_image_folder(work / "digits_test", PREPROCESSING, labels)
-        reference = outputs(digits_pre, held_out, args.threads)
-        options = QuantOptions()
-        rows, c0_int8 = [], {}
-        for index, recipe in enumerate(RECIPES):
-            print(f"recipe {recipe.name} ...", file=sys.stderr)
-            row: dict = {"recipe": recipe.name}
-            c0_int8[recipe.name] = work / f"c0.recipe{index}.onnx"
-            digits_int8 = work / f"digits.recipe{index}.onnx"
-            for pre, out, reader in (
-                (c0_pre, c0_int8[recipe.name], ImageReader("input", photos[:16])),
-                (digits_pre, digits_int8, ImageReader("input", calibration)),
-            ):
-                with quiet_libraries():
-                    exclude = recipe.exclusions(load_proto(pre))
-                    quantize_once(pre, out, options, choice, reader, exclude, recipe)
-                compact_biases(out)
-            agree = agreement(reference, outputs(digits_int8, held_out, args.threads), targets)
-            row.update(
-                top1_agreement=agree.top1,
-                fp32_accuracy=agree.fp32_accuracy,
-                int8_accuracy=agree.int8_accuracy,
-                min_cosine=agree.min_cosine,
-            )
-            rows.append(row)
-        for batch in (1, 8):
-            print(f"timing fp32 and every recipe, batch {batch} ...", file=sys.stderr)
-            ms = latency({"fp32": c0, **c0_int8}, (3, 224, 224), args.threads, args.runs, batch)
-            for row in rows:
-                row[f"fp32_ms_b{batch}"] = ms["fp32"]
-                row[f"int8_ms_b{batch}"] = ms[row["recipe"]]
-                row[f"speedup_b{batch}"] = ms["fp32"] / ms[row["recipe"]]
-        results["recipes"] = rows
-        print(
-            render_table(
-                rows,
-                (
-                    "recipe",
-                    "fp32_ms_b1",
-                    "int8_ms_b1",
-                    "speedup_b1",
-                    "fp32_ms_b8",
-                    "int8_ms_b8",
-                    "speedup_b8",
-                    "top1_agreement",
-                    "fp32_accuracy",
-                    "int8_accuracy",
-                    "min_cosine",
-                ),
-            )
-        )
+        for count in sorted({*counts, 16}):
+            photo_crops(work / f"photos{count}", count)
+        photo_crops(work / "held_out", HELD_OUT, seed=1)
+        if args.recipes:
+            results["recipes"] = bench_recipes(work, args)
+            columns = [k for k in results["recipes"][0] if k != "recipe"]
+            print(render_table(results["recipes"], ("recipe", *columns)))
+        else:
+            rows = []
+            for name in args.variants.split(","):
+                rows += bench_variant(name, counts, work, args)
+                if args.json:  # after each variant: a long run keeps what it measured
+                    args.json.write_text(json.dumps({"variants": rows}, indent=2, default=float))
+            results["variants"] = rows
+            print(render_table(rows, VARIANT_COLUMNS))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=float))
 

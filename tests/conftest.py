@@ -16,6 +16,24 @@ TINY = VariantSpec("tiny", (1, 1, 2, 2, 1), (8, 12, 16, 24, 32), num_heads=2)
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
+def listing(root: Path) -> set[str]:
+    """Every path under ``root``, relative to it (hidden ones included)."""
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def assert_clean_failure(
+    result, root: Path, before: set[str], pattern: str, code: int = 2, prefix: str = "error:"
+) -> None:
+    """Exit ``code``, exactly one error line holding ``pattern``, no traceback, and nothing
+    added or removed under ``root``."""
+    assert result.code == code, (result.code, result.err)
+    lines = [line for line in result.err.splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1, result.err
+    assert "Traceback" not in result.err + result.out
+    assert pattern in lines[0], lines[0]
+    assert listing(root) == before  # nothing half-written
+
+
 @dataclass
 class CliResult:
     code: int

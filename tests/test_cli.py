@@ -14,20 +14,9 @@ import torch
 
 from models import build_variant
 
+from conftest import assert_clean_failure, listing
+
 VARIANT = "coatnet_0"
-
-
-def listing(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*")}
-
-
-def assert_clean_failure(result, tmp_path: Path, before: set[str], pattern: str) -> None:
-    assert result.code == 2, result.err
-    lines = [line for line in result.err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.err
-    assert "Traceback" not in result.err + result.out
-    assert pattern in lines[0], lines[0]
-    assert listing(tmp_path) == before  # nothing half-written
 
 
 @pytest.fixture

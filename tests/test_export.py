@@ -19,7 +19,7 @@ from coatnet_export.inspect import metadata_of
 from coatnet_export.validate import Gates
 from models import CoAtNet, get_variant, init_weights
 
-from conftest import TINY
+from conftest import TINY, assert_clean_failure, listing
 
 
 def export_tiny(tmp_path: Path, **overrides) -> object:
@@ -32,10 +32,17 @@ def ops_of(path: Path) -> set[str]:
     return {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
 
 
-@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
-def test_tiny_parity_non_square(tmp_path: Path, exporter: str) -> None:
-    outcome = export_tiny(tmp_path, exporter=exporter, seed=3)
+@pytest.mark.parametrize(
+    ("exporter", "attention", "expected"),
+    [("dynamo", None, "fused"), ("dynamo", "matmul", "matmul"), ("torchscript", None, "matmul")],
+)
+def test_tiny_parity_non_square(
+    tmp_path: Path, exporter: str, attention: str | None, expected: str
+) -> None:
+    outcome = export_tiny(tmp_path, exporter=exporter, attention=attention, seed=3)
     assert outcome.passed
+    assert outcome.metadata.attention == expected
+    assert outcome.metadata.opset == (23 if exporter == "dynamo" else 17)
     assert outcome.directory == tmp_path / "out"
     cases = {r.case: r for r in outcome.results}
     assert set(cases) == {"random #1", "random #2", "random #3", "random batch of 4"}
@@ -46,6 +53,12 @@ def test_tiny_parity_non_square(tmp_path: Path, exporter: str) -> None:
     assert outcome.graph.table_lookups == 0
     ops = ops_of(outcome.directory / "model.onnx")
     assert not ops & {"Gather", "GatherND", "GatherElements", "Dropout", "BatchNormalization"}
+    if expected == "fused":  # one Attention per block, fed by the split of the qkv projection
+        counts = outcome.graph.op_counts
+        assert counts["Attention"] == 3 and counts["Split"] == 3
+        assert not ops & {"Softmax", "Slice", "Squeeze"}
+    else:
+        assert "Softmax" in ops and "Attention" not in ops
     if exporter == "dynamo":  # (TorchScript spells GELU with Muls)
         # the attention scale lives in the query weights: the only Muls are the SE gates
         nodes = onnx.load(str(outcome.directory / "model.onnx")).graph.node
@@ -57,8 +70,28 @@ def test_baked_bias_bytes_and_constants(tmp_path: Path) -> None:
     # S3 at 4x4 (16 tokens) in two blocks, S4 at 2x2 (4 tokens) in one; 2 heads; float32
     assert outcome.baked_bias_bytes == (2 * 2 * 16 * 16 + 2 * 4 * 4) * 4
     model = onnx.load(str(outcome.directory / "model.onnx"))
-    shapes = [list(t.dims) for t in model.graph.initializer]
-    assert shapes.count([2, 16, 16]) + shapes.count([1, 2, 16, 16]) == 2
+    shapes = {t.name: list(t.dims) for t in model.graph.initializer}
+    assert list(shapes.values()).count([1, 2, 16, 16]) == 2
+    masks = [n.input[3] for n in model.graph.node if n.op_type == "Attention"]
+    assert len(masks) == 3 and all(name in shapes for name in masks)  # constants, no Unsqueeze
+
+
+@pytest.mark.parametrize(
+    ("args", "pattern"),
+    [
+        (["--exporter", "torchscript"], "the TorchScript exporter cannot emit ONNX Attention"),
+        (["--opset", "20"], "ONNX Attention exists from opset 23, not 20"),
+    ],
+)
+def test_fused_attention_refused_where_it_cannot_be_exported(
+    tmp_path: Path, run_cli, args: list[str], pattern: str
+) -> None:
+    before = listing(tmp_path)
+    result = run_cli(
+        "--variant", "coatnet_0", "--output", tmp_path / "out", "--attention", "fused", *args
+    )
+    assert_clean_failure(result, tmp_path, before, pattern)
+    assert "--attention matmul" in result.err
 
 
 def test_parity_gate_failure_rejects_model(tmp_path: Path) -> None:
@@ -137,6 +170,10 @@ def test_coatnet_0_parity(tmp_path: Path, exporter: str) -> None:
     assert outcome.graph.table_lookups == 0
     assert "Gather" not in ops_of(outcome.directory / "model.onnx")
     assert outcome.graph.output_shape == ["batch", 1000]
+    if exporter == "dynamo":  # fused attention: no layout ops per head, only per stage
+        counts = outcome.graph.op_counts
+        assert counts["Attention"] == 7 and "Softmax" not in counts
+        assert counts.get("Transpose", 0) <= 6 and counts.get("Reshape", 0) <= 6
 
 
 def test_checkpoint_export_and_weights_hash(tmp_path: Path, run_cli) -> None:

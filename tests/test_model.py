@@ -157,7 +157,7 @@ def test_baked_bias_gives_identical_outputs() -> None:
     with torch.no_grad():
         before = model(x)
         for attention in model.attention_blocks():
-            assert attention.bake_bias().shape == (2, *[attention.relative_index.shape[0]] * 2)
+            assert attention.bake_bias().shape == (1, 2, *[attention.relative_index.shape[0]] * 2)
         torch.testing.assert_close(model(x), before, rtol=0, atol=0)
 
 
@@ -170,6 +170,23 @@ def test_folded_attention_scale_gives_the_same_outputs(numerics: Numerics) -> No
         for attention in model.attention_blocks():
             attention.fold_scale()
             assert attention.scale == 1.0
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("numerics", [Numerics(), Numerics.lucid()])
+@pytest.mark.parametrize("bake", [False, True])
+def test_onnx_attention_operator_gives_the_same_outputs(numerics: Numerics, bake: bool) -> None:
+    """The export's one-operator attention (torch.onnx.ops.attention) equals the matrix
+    products, with the scale folded or not and the bias baked or gathered."""
+    model = seeded(CoAtNet((64, 96), **SMALL, numerics=numerics))
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        before = model(x)
+        for attention in model.attention_blocks():
+            attention.onnx_attention = True
+            if bake:
+                attention.bake_bias()
+                attention.fold_scale()
         torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
 
 

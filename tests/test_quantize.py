@@ -1,9 +1,10 @@
-"""int8 quantization on the trained digits fixture: accuracy, fallback, report, bad input."""
+"""int8 quantization on the trained digits fixture: accuracy, gate, fallback, report, bad input."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,8 +17,7 @@ from onnx import TensorProto, helper
 from coatnet_export.console import Progress
 from coatnet_export.export.pipeline import ExportOptions, run_export
 from coatnet_export.inspect import metadata_of
-from coatnet_export.quantize.graph import DEFAULT_RECIPE, non_gate_muls, prepare
-from coatnet_export.quantize.pipeline import CpuInt8, choose_types
+from coatnet_export.quantize.graph import DEFAULT_RECIPE, compact_biases, non_gate_muls, prepare
 from models import VariantSpec
 
 FIXTURE = Path(__file__).parent / "fixtures" / "digits"
@@ -87,6 +87,9 @@ def test_static_quantization_meets_the_accuracy_targets(tmp_path: Path, digits, 
     assert len(report["lowest_sqnr"]) == 10
     assert report["latency_ms"]["fp32"] > 0 and report["latency_ms"]["int8"] > 0
     assert report["compact_bias_bytes"] > 0
+    # a trained model (from a checkpoint) is judged on top-1 agreement, and the report says why
+    assert report["gate"]["metric"] == "top1" and "trained" in report["gate"]["reason"]
+    assert report["gate"]["value"] == agreement["top1"] and report["passed"]
     int8 = onnx.load(str(export / "model.int8.onnx"))
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in int8.graph.node}
     # the squeeze-excitation pools and gates (three MBConv blocks) read int8 data
@@ -101,7 +104,10 @@ def test_static_quantization_meets_the_accuracy_targets(tmp_path: Path, digits, 
     assert metadata.quantization["mode"] == "static"
     assert metadata.quantization["quantized_ops"] == list(DEFAULT_RECIPE.op_types)
     assert metadata.quantization["activation_type"] == report["choice"]["activation_type"]
+    assert metadata.quantization["target_cpu"] == report["choice"]["target_cpu"]
+    assert "auto = " in result.err and "this machine" in result.err
     assert "lowest SQNR" in result.out and "top-1 agreement" in result.out
+    assert not list(export.glob(".quantize-*")) and not list(export.glob(".*.lock"))
     manifest = json.loads((export / "manifest.json").read_text())
     assert manifest["quantization"]["mode"] == "static"
     assert manifest["files"]["model.int8.onnx"] == (export / "model.int8.onnx").stat().st_size
@@ -112,13 +118,15 @@ def test_prepare_turns_spatial_means_into_exact_pooling(tmp_path: Path, digits) 
     pre = tmp_path / "pre.onnx"
     # one squeeze-excitation per MBConv block (three in the fixture) and the head
     assert prepare(model, pre) == 4
+    assert (tmp_path / "pre.onnx.data").is_file()  # weights beside it, not in Python
+    assert len(onnx.load(str(pre), load_external_data=False).graph.value_info) > 50
     ops = [n.op_type for n in onnx.load(str(pre)).graph.node]
     assert "ReduceMean" not in ops and ops.count("GlobalAveragePool") == 4
     x = np.random.default_rng(0).standard_normal((2, 1, 64, 64), dtype=np.float32)
     before, after = (
-        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
-            None, {"input": x}
-        )[0]
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[
+            0
+        ]
         for path in (model, pre)
     )
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
@@ -171,6 +179,13 @@ def test_fallback_returns_tensors_to_float_until_the_gate_passes(
     assert all(step for step in report["fallback_steps"])
     assert set(report["fallback_steps"][0]) <= set(report["excluded_nodes"])
     assert result.code == (0 if report["passed"] else 1)
+    # the speed after the fallback is measured against the speed before it
+    latency = report["latency_ms"]
+    assert latency["int8 before fallback"] > 0 and report["speedup_before_fallback"] > 0
+    assert report["agreement_before_fallback"]["top1"] < 1.0
+    assert "int8 before fallback" in result.out
+    slower = latency["int8"] > latency["int8 before fallback"]
+    assert any("fallback made the int8 model slower" in n for n in report["notes"]) == slower
 
 
 def test_dynamic_quantization(tmp_path: Path, digits, run_cli) -> None:
@@ -207,13 +222,20 @@ def test_infer_script_runs_the_int8_model(tmp_path: Path, digits) -> None:
     assert records and sum(r["top_k"][0]["label"] == "3" for r in records) >= 0.9 * len(records)
 
 
-def test_cpu_choice_follows_the_instruction_set() -> None:
-    vnni = choose_types(CpuInt8("x86_64", ("avx512_vnni", "avx512f", "avx2")))
-    assert (vnni.activation_type, vnni.weight_type, vnni.reduce_range) == ("uint8", "int8", False)
-    avx2 = choose_types(CpuInt8("x86_64", ("avx2",)))
-    assert avx2.reduce_range and "saturate" in avx2.reason
-    arm = choose_types(CpuInt8("aarch64", ("asimddp",)))
-    assert not arm.reduce_range
+def test_compacted_biases_are_lossless(tmp_path: Path, digits) -> None:
+    model = onnx.load(str(digits["export"] / "model.onnx"))
+    saved = compact_biases(model)
+    assert saved > 0
+    assert any(n.op_type == "Gather" for n in model.graph.node)
+    onnx.save(model, str(tmp_path / "compact.onnx"))
+    x = np.random.default_rng(0).standard_normal((3, 1, 64, 64), dtype=np.float32)
+    before, after = (
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[
+            0
+        ]
+        for path in (digits["export"] / "model.onnx", tmp_path / "compact.onnx")
+    )
+    np.testing.assert_array_equal(after, before)
 
 
 def test_export_with_quantize(tmp_path: Path, digits, run_cli) -> None:
@@ -259,6 +281,7 @@ def test_bad_quantization_inputs(tmp_path: Path, digits, run_cli, monkeypatch) -
     onnx.save(model, str(bare / "model.onnx"))
     cases = [
         (["quantize", export], "needs --calibration-data"),
+        (["quantize", export, "--calibration-data", tmp_path / "nowhere"], "not a directory"),
         (["quantize", export, "--calibration-data", empty], "no usable image"),
         (["quantize", export, "--calibration-data", junk], "no usable image in"),
         (["quantize", bare, "--random-calibration"], "pass --size H W, --mean and --std"),
@@ -292,3 +315,102 @@ def test_bad_quantization_inputs(tmp_path: Path, digits, run_cli, monkeypatch) -
     unwritable = run_cli("quantize", export, "--random-calibration")
     assert unwritable.code == 2 and "is not writable" in unwritable.err
     assert listing(tmp_path) == before
+
+
+def test_hints_name_each_command_s_own_dynamic_option(tmp_path: Path, digits, run_cli) -> None:
+    export = fresh_export(digits, tmp_path)
+    quantize = run_cli("quantize", export)
+    assert quantize.code == 2 and "or --mode dynamic" in quantize.err
+    assert "--quantize dynamic" not in quantize.err
+    exported = run_cli(
+        "--checkpoint", FIXTURE / "digits.safetensors", "--output", tmp_path / "q",
+        "--quantize", "static",
+    )  # fmt: skip
+    assert exported.code == 2 and "or --quantize dynamic" in exported.err
+    assert "--mode dynamic" not in exported.err
+    assert not (tmp_path / "q").exists()  # refused before exporting anything
+
+
+def external_export(digits: dict[str, Path], tmp_path: Path) -> Path:
+    """The digits fixture exported with its weights in model.onnx.data."""
+    labels = [line for line in (FIXTURE / "labels.txt").read_text().splitlines() if line]
+    return run_export(
+        ExportOptions(
+            architecture=None,
+            output=tmp_path / "external",
+            checkpoint=FIXTURE / "digits.safetensors",
+            mean=(0.5,),
+            std=(0.5,),
+            crop_pct=1.0,
+            labels=labels,
+            validate=False,
+            external_data_threshold=10_000,
+        ),
+        Progress(4, enabled=False),
+    ).directory
+
+
+def test_hostile_models_end_in_one_error_line(tmp_path: Path, digits, run_cli) -> None:
+    export = fresh_export(digits, tmp_path / "m")
+    model = onnx.load(str(export / "model.onnx"))
+    two = tmp_path / "two"
+    two.mkdir()
+    extra = onnx.load(str(export / "model.onnx"))
+    extra.graph.input.append(helper.make_tensor_value_info("mask", TensorProto.FLOAT, [1]))
+    onnx.save(extra, str(two / "model.onnx"))
+    garbled = tmp_path / "garbled"
+    garbled.mkdir()
+    for prop in model.metadata_props:
+        if prop.key == "img_size":
+            prop.value = "[64, "
+    onnx.save(model, str(garbled / "model.onnx"))
+    missing = external_export(digits, tmp_path / "missing")
+    (missing / "model.onnx.data").unlink()
+    cut = external_export(digits, tmp_path / "cut")
+    data = cut / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    cases = [
+        (two, "has 2 inputs"),
+        (garbled, "metadata is damaged"),
+        (missing, "which is missing"),
+        (cut, "is truncated"),
+    ]
+    for folder, fragment in cases:
+        before = listing(tmp_path)
+        result = run_cli("quantize", folder, "--calibration-data", digits["calibration"])
+        assert result.code == 2, (folder, result.err)
+        lines = [line for line in result.err.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and fragment in lines[0], result.err
+        assert "Traceback" not in result.err
+        assert listing(tmp_path) == before, folder
+
+
+def test_full_disk_mid_quantize_leaves_the_export_as_it_was(tmp_path: Path, digits) -> None:
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    fp32 = (digits["export"] / "model.onnx").stat().st_size
+    # room for the export and the prepared copy of its weights, not for the int8 models
+    size_kib = (2 * fp32 + fp32 // 8 + 64 * 1024) // 1024
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(disk)],
+        capture_output=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        export = disk / "export"
+        shutil.copytree(digits["export"], export)
+        before = listing(disk)
+        result = subprocess.run(
+            [sys.executable, "-m", "coatnet_export", "quantize", str(export),
+             "--calibration-data", str(digits["calibration"]), "--calibration-samples", "8",
+             "--eval-data", str(digits["test"] / "1")],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr
+        lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and "no space left on device" in lines[0], result.stderr
+        assert "calibrat" in result.stderr  # it failed mid-quantize, after calibration
+        assert listing(disk) == before
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)

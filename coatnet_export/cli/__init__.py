@@ -1,29 +1,50 @@
 """The ``coatnet-export`` command line: one group, one module per command.
 
 ``coatnet-export --variant NAME ...`` runs the export (the default command). Exit codes: 0 ok,
-1 a gate failed, 2 bad input (one ``error:`` line), 130 interrupted.
+1 a gate failed, 2 bad input or environment (one ``error:`` line), 3 internal error (a bug),
+130 interrupted (SIGINT), 143 terminated (SIGTERM); see :mod:`coatnet_export.errors`.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
 import sys
+import traceback
 
 import click
 
-from coatnet_export.cli import bench, export, info, quantize, validate, variants
-from coatnet_export.errors import GateFailed, InputError
+from coatnet_export.cli import bench, export, info, package, predict, quantize, validate, variants
+from coatnet_export.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, explain, handle_signals
 from models import ConfigError
 
 DEFAULT_COMMAND = "export"
+DEBUG_ENV = "COATNET_EXPORT_DEBUG"
+"""Set to 1 to see the traceback of an internal error."""
+
+
+class UnknownCommand(click.UsageError):
+    """A first argument that is neither a command nor an option."""
 
 
 class DefaultCommandGroup(click.Group):
-    """A group that runs ``export`` when the first argument is not a sub-command."""
+    """A group that runs ``export`` when the first argument is an option (``--variant ...``)."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+        if args and args[0].startswith("-") and args[0] not in ("--help", "-h", "--version"):
             args = [DEFAULT_COMMAND, *args]
         return super().parse_args(ctx, args)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]):
+        name = args[0] if args else ""
+        if name not in self.commands:
+            close = difflib.get_close_matches(name, list(self.commands), n=1)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise UnknownCommand(
+                f"no such command '{name}' ({hint}commands: {', '.join(sorted(self.commands))})",
+                ctx,
+            )
+        return super().resolve_command(ctx, args)
 
 
 @click.group(cls=DefaultCommandGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -35,26 +56,48 @@ def cli() -> None:
     """
 
 
-for module in (export, quantize, validate, info, variants, bench):
+for module in (export, quantize, validate, info, variants, bench, predict, package):
     cli.add_command(getattr(module, module.__name__.rsplit(".", 1)[-1]))
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: one-line errors, exit codes 0 / 1 (gate failed) / 2 (bad input)."""
+    """Entry point: one line and an exit code for every failure (see the module docstring)."""
+    with handle_signals():
+        code = _run(argv)
+    sys.exit(code)
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         cli.main(args=argv, prog_name="coatnet-export", standalone_mode=False)
     except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
+        return exc.exit_code
+    except click.exceptions.NoArgsIsHelpError as exc:
+        click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+        return EXIT_OK
     except click.ClickException as exc:
-        exc.show()
-        sys.exit(2)
-    except click.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except (InputError, GateFailed) as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+        click.echo(f"error: {_usage_message(exc)}", err=True)
+        return EXIT_INPUT
     except ConfigError as exc:
         click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
-    sys.exit(0)
+        return EXIT_INPUT
+    except BrokenPipeError:  # e.g. `coatnet-export info x | head -1`: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except SystemExit:
+        raise
+    except BaseException as exc:  # the boundary: every failure becomes one line
+        message, code = explain(exc)
+        if code == EXIT_INTERNAL and os.environ.get(DEBUG_ENV):
+            traceback.print_exc()
+        click.echo(message, err=True)
+        return code
+    return EXIT_OK
+
+
+def _usage_message(exc: click.ClickException) -> str:
+    message = exc.format_message().rstrip(".")
+    ctx = getattr(exc, "ctx", None)
+    if isinstance(exc, click.UsageError) and not isinstance(exc, UnknownCommand) and ctx:
+        message += f" (see '{ctx.command_path} --help')"
+    return message

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from coatnet_export.cli.options import runtime_options
 from coatnet_export.console import render_table
 from coatnet_export.metadata import write_json
 
@@ -55,24 +56,45 @@ from coatnet_export.metadata import write_json
     show_default=True,
     help="Include PyTorch eager.",
 )
+@runtime_options(multiple=True)
 @click.option(
     "--json",
     "json_path",
     type=click.Path(path_type=Path, dir_okay=False),
     help="Also write the results to this JSON file.",
 )
-def bench(models, variant, img_size, batches, threads, runs, warmup, with_torch, json_path) -> None:
+def bench(
+    models,
+    variant,
+    img_size,
+    batches,
+    threads,
+    runs,
+    warmup,
+    with_torch,
+    runtimes,
+    precision,
+    json_path,
+) -> None:
     """Time PyTorch eager, ONNX fp32 and ONNX int8 side by side (p50/p90/p99, images/s).
 
     MODELS are .onnx files or export directories (whose model.onnx and model.int8.onnx are
-    both taken). Runs are interleaved across targets, after warm-up, with onnxruntime's
-    spinning threads disabled so one runtime cannot slow the next.
+    both taken); each runs in every --runtime. Runs are interleaved across targets, after
+    warm-up, with onnxruntime's spinning threads disabled so one runtime cannot slow the next.
     """
     import os
     import tempfile
 
     from coatnet_export.bench import benchmark, plan_bench
+    from coatnet_export.runtimes import check_runtime
 
+    runtimes = tuple(dict.fromkeys(runtimes))
+    for runtime in runtimes:
+        check_runtime(runtime, precision if runtime == "openvino" else "f32")
+    if json_path:
+        from coatnet_export.output import check_output_file
+
+        check_output_file(json_path, "--json")  # before the benchmark, not after it
     thread_counts = list(threads) or sorted({1, os.cpu_count() or 1})
     with tempfile.TemporaryDirectory() as workdir:
         plan = plan_bench(
@@ -82,6 +104,8 @@ def bench(models, variant, img_size, batches, threads, runs, warmup, with_torch,
             with_torch,
             Path(workdir),
             lambda text: click.echo(text, err=True),
+            runtimes,
+            precision,
         )
         rows, peaks = benchmark(
             plan.targets,
@@ -101,6 +125,7 @@ def bench(models, variant, img_size, batches, threads, runs, warmup, with_torch,
             table,
             (
                 "name",
+                "runtime",
                 "threads",
                 "batch",
                 "p50_ms",

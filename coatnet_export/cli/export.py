@@ -19,8 +19,7 @@ from coatnet_export.cli.options import (
 from coatnet_export.cli.quantize import run_and_show_quantize
 from coatnet_export.console import Progress, render_table
 from coatnet_export.errors import GateFailed, InputError
-from coatnet_export.export.onnx_export import EXPORTERS
-from coatnet_export.metadata import write_json
+from coatnet_export.export.onnx_export import ATTENTION_GRAPHS, EXPORTERS
 from coatnet_export.preprocess import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
 from coatnet_export.sources.checkpoint import CHECKPOINT_FORMATS
 from coatnet_export.validate import RESULT_COLUMNS, Gates
@@ -73,7 +72,13 @@ from models import get_variant
 )
 @click.option("--exporter", type=click.Choice(EXPORTERS), default="dynamo", show_default=True)
 @click.option(
-    "--opset", type=click.IntRange(17, 23), help="ONNX opset (default: 20 dynamo, 17 torchscript)."
+    "--opset", type=click.IntRange(17, 23), help="ONNX opset (default: 23 dynamo, 17 torchscript)."
+)
+@click.option(
+    "--attention",
+    type=click.Choice(ATTENTION_GRAPHS),
+    help="Attention in the graph: fused (one ONNX Attention node per block; dynamo, opset 23) "
+    "or matmul (MatMul, Add, Softmax, MatMul) [default: fused where the opset allows it].",
 )
 @click.option(
     "--batch",
@@ -84,10 +89,10 @@ from models import get_variant
 )
 @click.option(
     "--seed",
-    type=int,
+    type=click.IntRange(0, 2**32 - 1),
     default=0,
     show_default=True,
-    help="Seed for random weights and validation inputs.",
+    help="Seed for random weights and validation inputs (0 to 2**32-1).",
 )
 @click.option(
     "--labels",
@@ -144,6 +149,10 @@ def export(**kw) -> None:
             "give --variant NAME (see `coatnet-export variants`), or a "
             "--checkpoint to read the architecture from"
         )
+    if kw["quantize_mode"]:  # refuse bad quantization options before the export's work
+        from coatnet_export.quantize.pipeline import check_options
+
+        check_options(quant_options_from(kw, kw["quantize_mode"]))
     options = ExportOptions(
         architecture=get_variant(kw["variant"]) if kw["variant"] else None,
         output=kw["output"] or (Path(kw["variant"]) if kw["variant"] else None),
@@ -156,6 +165,7 @@ def export(**kw) -> None:
         seed=kw["seed"],
         exporter=kw["exporter"],
         opset=kw["opset"],
+        attention=kw["attention"],
         batch=kw["batch"],
         mean=kw["mean"],
         std=kw["std"],
@@ -168,14 +178,13 @@ def export(**kw) -> None:
         gates=Gates(kw["max_rel_error"], kw["min_top1"]),
         threads=kw["threads"],
         force=kw["force"],
+        report=kw["report"],
     )
     outcome = run_export(
         options, Progress(total=6 if options.validate else 4, enabled=not kw["quiet"])
     )
     if outcome.results:
         click.echo(render_table([r.as_dict() for r in outcome.results], RESULT_COLUMNS))
-    if kw["report"]:
-        write_json(kw["report"], outcome.validation_report())
     sizes = ", ".join(
         f"{name} {(outcome.directory / name).stat().st_size / 2**20:.1f} MiB"
         for name in outcome.graph.files
@@ -183,7 +192,8 @@ def export(**kw) -> None:
     meta = outcome.metadata
     click.echo(
         f"\n{meta.variant} {meta.img_size[0]}x{meta.img_size[1]}, {meta.num_classes} "
-        f"classes, {meta.exporter} opset {meta.opset}, batch {meta.batch}"
+        f"classes, {meta.exporter} opset {meta.opset}, {meta.attention} attention, "
+        f"batch {meta.batch}"
     )
     click.echo(
         f"graph: {outcome.graph.nodes} nodes, {outcome.graph.table_lookups} table lookups, "

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import click
 
-from coatnet_export.errors import InputError
+from coatnet_export.errors import InputError, os_error_message
+from coatnet_export.quantize.evaluate import GATES
 from coatnet_export.quantize.pipeline import QuantOptions
+from coatnet_export.quantize.presets import TARGET_CHOICES
+from coatnet_export.runtimes import RUNTIMES
+from coatnet_export.runtimes.openvino import PRECISIONS
 from coatnet_export.validate import Gates
 
 
@@ -41,6 +46,9 @@ class SizeType(click.ParamType):
                 param,
                 ctx,
             )
+        if str(value).startswith("--"):  # `--img-size 288 --output x` took the next option
+            name = param.opts[0] if param is not None else "the option"
+            self.fail(f"{name} takes two values, H W (got {value!r} as the second)", param, ctx)
         if not str(value).isdigit() or int(value) <= 0:
             self.fail(f"{value!r} is not a positive integer", param, ctx)
         return int(value)
@@ -55,9 +63,12 @@ class FloatListType(click.ParamType):
         if isinstance(value, tuple):
             return value
         try:
-            return tuple(float(v) for v in str(value).split(","))
+            values = tuple(float(v) for v in str(value).split(","))
         except ValueError:
             self.fail(f"{value!r} is not a comma-separated list of numbers", param, ctx)
+        if not all(math.isfinite(v) for v in values):
+            self.fail(f"{value!r} holds a value that is not a finite number", param, ctx)
+        return values
 
 
 def gate_options(func):
@@ -106,6 +117,35 @@ def validation_inputs_options(func):
     return func
 
 
+def runtime_options(multiple: bool = False, precision: bool = True):
+    """``--runtime`` (repeatable for ``bench``) and OpenVINO's ``--precision``."""
+
+    def decorate(func):
+        func = click.option(
+            "--runtime",
+            "runtimes" if multiple else "runtime",
+            type=click.Choice(RUNTIMES),
+            multiple=multiple,
+            default=("onnxruntime",) if multiple else "onnxruntime",
+            show_default=True,
+            help="Runtime to run the models in"
+            + (" (repeat the option to compare runtimes side by side)" if multiple else "")
+            + "; openvino needs pip install 'coatnet-export[openvino]'.",
+        )(func)
+        if not precision:
+            return func
+        return click.option(
+            "--precision",
+            type=click.Choice(PRECISIONS),
+            default="f32",
+            show_default=True,
+            help="OpenVINO's inference precision (bf16 is faster only on CPUs with bf16 "
+            "units, and about 5e-3 off).",
+        )(func)
+
+    return decorate
+
+
 def quantize_options(func):
     """Options shared by `quantize` and `export --quantize`."""
     options = [
@@ -140,24 +180,50 @@ def quantize_options(func):
             "unused images].",
         ),
         click.option(
+            "--target-cpu",
+            type=click.Choice(TARGET_CHOICES),
+            default="auto",
+            show_default=True,
+            help="The CPU the int8 model will run on; decides the int8 types and "
+            "reduce_range (auto: this machine's CPU).",
+        ),
+        click.option(
             "--activation-type",
             type=click.Choice(["uint8", "int8"]),
-            help="Override the CPU-based choice.",
+            help="Override the --target-cpu preset (recorded as an override).",
         ),
         click.option(
             "--weight-type",
             type=click.Choice(["uint8", "int8"]),
-            help="Override the CPU-based choice.",
+            help="Override the --target-cpu preset (recorded as an override).",
         ),
         click.option(
-            "--reduce-range/--no-reduce-range", default=None, help="Override the CPU-based choice."
+            "--reduce-range/--no-reduce-range",
+            default=None,
+            help="Override the --target-cpu preset (recorded as an override).",
+        ),
+        click.option(
+            "--gate",
+            type=click.Choice(GATES),
+            default="auto",
+            show_default=True,
+            help="What int8 must reach against fp32: top1 (top-1 agreement), cosine (smallest "
+            "cosine similarity of the logits); auto: top1 for trained weights, cosine for "
+            "seeded ones.",
         ),
         click.option(
             "--min-agreement",
             type=click.FloatRange(0, 1),
             default=0.99,
             show_default=True,
-            help="Gate: top-1 agreement of int8 with fp32.",
+            help="Gate top1: top-1 agreement of int8 with fp32.",
+        ),
+        click.option(
+            "--min-cosine",
+            type=click.FloatRange(-1, 1),
+            default=0.99,
+            show_default=True,
+            help="Gate cosine: smallest cosine similarity of int8's logits with fp32's.",
         ),
         click.option(
             "--max-fallback-steps",
@@ -180,21 +246,37 @@ def quant_options_from(kw: dict, mode: str) -> QuantOptions:
         samples=kw["calibration_samples"],
         method=kw["calibration_method"],
         eval_data=kw["eval_data"],
+        target_cpu=kw["target_cpu"],
         activation_type=kw["activation_type"],
         weight_type=kw["weight_type"],
         reduce_range=kw["reduce_range"],
+        gate=kw["gate"],
         min_top1=kw["min_agreement"],
+        min_cosine=kw["min_cosine"],
         max_fallback_steps=kw["max_fallback_steps"],
         threads=kw.get("threads"),
+        dynamic_hint="--quantize dynamic" if "quantize_mode" in kw else "--mode dynamic",
     )
 
 
 def read_labels(path: Path) -> list[str]:
-    """Class names from a JSON list or a text file with one name per line."""
+    """Class names from a JSON list or a UTF-8 text file with one name per line."""
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as exc:
-        raise InputError(f"cannot read labels file {path} ({exc.strerror or exc})") from None
+        raise InputError(os_error_message(exc, path, "reading", "--labels")) from None
+    if b"\x00" in data:
+        raise InputError(
+            f"labels file {path} is binary, not text (give a text file with one class name "
+            "per line, or a JSON list of strings)"
+        )
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"labels file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+            "save it as UTF-8"
+        ) from None
     if path.suffix == ".json":
         try:
             labels = json.loads(text)
@@ -202,5 +284,8 @@ def read_labels(path: Path) -> list[str]:
             raise InputError(f"labels file {path} is not valid JSON ({exc.msg})") from None
         if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
             raise InputError(f"labels file {path} must hold a JSON list of strings")
-        return labels
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    else:
+        labels = [line.strip() for line in text.splitlines() if line.strip()]
+    if not labels:
+        raise InputError(f"labels file {path} holds no labels (one class name per line)")
+    return labels

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import click
 
-from coatnet_export.cli.options import gate_options, validation_inputs_options
+from coatnet_export.cli.options import gate_options, runtime_options, validation_inputs_options
 from coatnet_export.console import Progress, render_table
-from coatnet_export.errors import GateFailed
+from coatnet_export.errors import GateFailed, writing
 from coatnet_export.metadata import write_json
+from coatnet_export.output import check_output_file
 from coatnet_export.validate import RESULT_COLUMNS, Gates
 
 
@@ -23,19 +24,37 @@ from coatnet_export.validate import RESULT_COLUMNS, Gates
 )
 @validation_inputs_options
 @gate_options
+@runtime_options()
 def validate(
-    model: Path, checkpoint: Path | None, images, samples, report, threads, max_rel_error, min_top1
+    model: Path,
+    checkpoint: Path | None,
+    images,
+    samples,
+    report,
+    threads,
+    max_rel_error,
+    min_top1,
+    runtime: str,
+    precision: str,
 ) -> None:
-    """Validate an existing export (directory or .onnx file) against PyTorch."""
+    """Validate an existing export (directory or .onnx file) against PyTorch, run in
+    onnxruntime or OpenVINO (--runtime)."""
     from coatnet_export.revalidate import revalidate
+    from coatnet_export.runtimes import check_runtime
 
+    check_runtime(runtime, precision)
+    if report:
+        check_output_file(report, "--report")
     gates = Gates(max_rel_error, min_top1)
-    result = revalidate(model, checkpoint, list(images), samples, gates, threads, Progress(3))
+    result = revalidate(
+        model, checkpoint, list(images), samples, gates, threads, Progress(3), runtime, precision
+    )
     click.echo(render_table([r.as_dict() for r in result.results], RESULT_COLUMNS))
     for warning in result.warnings:
         click.echo(f"warning: {warning}")
     if report:
-        write_json(report, result.report())
+        with writing(report, "--report"):
+            write_json(report, result.report())
     if not result.passed:
         raise GateFailed(f"{result.model_path} does not match its PyTorch reference")
     click.echo(f"{result.model_path} matches its PyTorch reference")

@@ -8,22 +8,61 @@ import gc
 import sys
 import warnings
 from pathlib import Path
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from coatnet_export.console import quiet_libraries
-from models import CoAtNet
+from coatnet_export.errors import InputError
+
+if TYPE_CHECKING:  # torch loads when a model is exported, not when the CLI starts
+    from models import CoAtNet
 
 Exporter = Literal["dynamo", "torchscript"]
 EXPORTERS: tuple[Exporter, ...] = ("dynamo", "torchscript")
-DEFAULT_OPSET: dict[Exporter, int] = {"dynamo": 20, "torchscript": 17}
-"""Opset 20 gives the dynamo exporter ONNX's own Gelu; the TorchScript exporter's GELU pattern
-is fused by onnxruntime at opset 17 already."""
+AttentionGraph = Literal["fused", "matmul"]
+ATTENTION_GRAPHS: tuple[AttentionGraph, ...] = ("fused", "matmul")
+"""fused: one ONNX ``Attention`` node per block (opset 23, dynamo); matmul: MatMul -> Add ->
+Softmax -> MatMul with the head reshapes and transposes around it."""
+FUSED_ATTENTION_OPSET = 23
+DEFAULT_OPSET: dict[Exporter, int] = {"dynamo": FUSED_ATTENTION_OPSET, "torchscript": 17}
+"""Opset 23 gives the dynamo exporter ONNX's Attention (and, from 20, its Gelu); the
+TorchScript exporter's GELU pattern is fused by onnxruntime at opset 17 already."""
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 BATCH_DIM = "batch"
+
+
+def fused_attention_unavailable(exporter: Exporter, opset: int) -> tuple[str, str] | None:
+    """Why the fused attention cannot be exported with these settings, and the fix (None: it
+    can)."""
+    if exporter != "dynamo":
+        return "the TorchScript exporter cannot emit ONNX Attention", "use --exporter dynamo"
+    if opset < FUSED_ATTENTION_OPSET:
+        return (
+            f"ONNX Attention exists from opset {FUSED_ATTENTION_OPSET}, not {opset}",
+            f"use --opset {FUSED_ATTENTION_OPSET} or leave --opset out",
+        )
+    import torch
+
+    if not hasattr(getattr(torch.onnx, "ops", None), "attention"):
+        return f"torch {torch.__version__} has no torch.onnx.ops.attention", "upgrade torch"
+    return None
+
+
+def choose_attention(
+    exporter: Exporter, opset: int, requested: AttentionGraph | None
+) -> AttentionGraph:
+    """The attention graph to export: ``requested``, or fused where the settings allow it.
+
+    Raises :class:`InputError` for ``fused`` where it cannot be exported.
+    """
+    unavailable = fused_attention_unavailable(exporter, opset)
+    if requested is None:
+        return "matmul" if unavailable else "fused"
+    if requested == "fused" and unavailable:
+        reason, fix = unavailable
+        raise InputError(f"--attention fused: {reason} ({fix}, or pass --attention matmul)")
+    return requested
 
 
 def export_onnx(
@@ -39,6 +78,8 @@ def export_onnx(
     ``external_data`` writes the weights to ``<path>.data`` beside the model (dynamo); the
     TorchScript exporter always writes one file, which the packaging step converts if needed.
     """
+    import torch
+
     example = torch.zeros(2 if batch is None else batch, model.in_channels, *model.img_size)
     with quiet_libraries(), torch.no_grad():
         if exporter == "dynamo":

@@ -10,16 +10,19 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime
 import torch
 
 import coatnet_export
 from coatnet_export.console import Progress
-from coatnet_export.errors import InputError
+from coatnet_export.errors import InputError, writing
 from coatnet_export.export.onnx_export import (
     DEFAULT_OPSET,
+    AttentionGraph,
     Exporter,
+    choose_attention,
     export_onnx,
     release_exporter_memory,
 )
@@ -28,18 +31,36 @@ from coatnet_export.export.transforms import (
     bake_relative_biases,
     fold_attention_scales,
     fold_batchnorms,
+    use_onnx_attention,
 )
 from coatnet_export.metadata import ExportMetadata, write_json
-from coatnet_export.output import check_destination, publish, staging
+from coatnet_export.output import (
+    atomic_file,
+    check_destination,
+    check_output_file,
+    claim,
+    publish,
+    staging,
+)
 from coatnet_export.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from coatnet_export.sources.checkpoint import CheckpointFormat, read_checkpoint
-from coatnet_export.sources.model_source import load_reference, plan_model, weights_sha256
+from coatnet_export.sources.checkpoint import CheckpointFormat, StateDict, read_checkpoint
+from coatnet_export.sources.model_source import (
+    ModelSpec,
+    ReferenceModel,
+    load_reference,
+    plan_model,
+    weights_sha256,
+)
+from coatnet_export.sources.resources import check_memory
 from coatnet_export.validate import (
+    NOTHING_TO_VALIDATE,
     Case,
     CaseResult,
     Gates,
     add_reference_outputs,
     build_cases,
+    nothing_to_validate,
+    read_recorded,
     recorded_case,
     validate_onnx,
 )
@@ -69,6 +90,8 @@ class ExportOptions:
     seed: int = 0
     exporter: Exporter = "dynamo"
     opset: int | None = None
+    attention: AttentionGraph | None = None
+    """None: fused (ONNX Attention) where the exporter and opset allow it, else matmul."""
     batch: int | None = None
     """None: dynamic batch axis; an integer fixes it."""
     mean: tuple[float, ...] = IMAGENET_MEAN
@@ -83,6 +106,8 @@ class ExportOptions:
     gates: Gates = field(default_factory=Gates)
     threads: int | None = None
     force: bool = False
+    report: Path | None = None
+    """Also write the validation report here (checked up front, written with the model)."""
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
 
 
@@ -134,10 +159,12 @@ def versions() -> dict[str, str]:
 def run_export(opts: ExportOptions, progress: Progress) -> ExportOutcome:
     """Export, check and validate one model; the output directory appears only when it passes.
 
-    A model that fails validation is moved to ``<output>.rejected`` instead.
+    Every input and output is checked before the heavy work, and the output is locked
+    against a second writer until it is published. A model that fails validation is moved to
+    ``<output>.rejected`` instead; the report (``opts.report``) is written in both cases.
     """
-    if opts.output is not None:
-        check_destination(opts.output, opts.force)
+    inputs = input_paths(opts)
+    recorded = check_request(opts, inputs)
     checkpoint = (
         read_checkpoint(opts.checkpoint, opts.checkpoint_format) if opts.checkpoint else None
     )
@@ -146,15 +173,57 @@ def run_export(opts: ExportOptions, progress: Progress) -> ExportOutcome:
     )
     checkpoint_format = checkpoint.format if checkpoint else None
     del checkpoint
-    output = opts.output or Path(spec.architecture.name)
-    if opts.output is None:  # the default name is known only now
-        check_destination(output, opts.force)
+    with claim(opts.output or Path(spec.architecture.name), opts.force, inputs) as output:
+        preprocessing, recorded_cases = check_model_fits(opts, spec, recorded)
+        return build_and_publish(
+            opts,
+            spec,
+            state_dict,
+            checkpoint_format,
+            preprocessing,
+            recorded_cases,
+            output,
+            progress,
+        )
+
+
+def input_paths(opts: ExportOptions) -> list[Path]:
+    """Every file or folder the export reads (an output must not hold one of them)."""
+    named = [opts.checkpoint, opts.reference_outputs, *opts.images]
+    return [path for path in named if path is not None]
+
+
+def check_request(opts: ExportOptions, inputs: list[Path]) -> tuple[np.ndarray, np.ndarray] | None:
+    """What can be checked before the model is known: outputs, numbers, recorded outputs."""
+    if opts.output is not None:
+        check_destination(opts.output, opts.force, inputs)
+    if opts.report is not None:
+        check_output_file(opts.report, "--report")
+    preprocessing_for(opts, (32, 32))
+    choose_attention(opts.exporter, opts.opset or DEFAULT_OPSET[opts.exporter], opts.attention)
+    if opts.validate and nothing_to_validate(
+        opts.samples, opts.batch, opts.large_batch, opts.images, opts.reference_outputs is not None
+    ):
+        raise InputError(NOTHING_TO_VALIDATE)
+    if opts.reference_outputs is not None and opts.validate:
+        return read_recorded(opts.reference_outputs)
+    return None
+
+
+def preprocessing_for(opts: ExportOptions, size: tuple[int, int]) -> Preprocessing:
     try:
-        preprocessing = Preprocessing(
-            spec.img_size, tuple(opts.mean), tuple(opts.std), opts.crop_pct, opts.interpolation
+        return Preprocessing(
+            size, tuple(opts.mean), tuple(opts.std), opts.crop_pct, opts.interpolation
         )
     except ValueError as exc:
         raise InputError(str(exc)) from None
+
+
+def check_model_fits(
+    opts: ExportOptions, spec: ModelSpec, recorded: tuple[np.ndarray, np.ndarray] | None
+) -> tuple[Preprocessing, list[Case]]:
+    """Checks that need the model: channels, labels, recorded shapes, memory."""
+    preprocessing = preprocessing_for(opts, spec.img_size)
     if preprocessing.channels != spec.in_channels:
         raise InputError(
             f"--mean/--std give {preprocessing.channels} channel(s) but the model "
@@ -165,6 +234,35 @@ def run_export(opts: ExportOptions, progress: Progress) -> ExportOutcome:
             f"the labels file has {len(opts.labels)} labels but the model has "
             f"{spec.num_classes} classes"
         )
+    cases = []
+    if recorded is not None and opts.reference_outputs is not None:
+        cases.append(
+            recorded_case(
+                opts.reference_outputs,
+                recorded,
+                spec.in_channels,
+                spec.img_size,
+                spec.num_classes,
+                opts.batch,
+            )
+        )
+    largest = max([opts.batch or max(opts.large_batch, 2), *(len(c.inputs) for c in cases)])
+    held = opts.samples * (opts.batch or 1) + (opts.large_batch if opts.batch is None else 0)
+    check_memory(spec, largest, held + sum(len(c.inputs) for c in cases) if opts.validate else 0)
+    return preprocessing, cases
+
+
+def build_and_publish(
+    opts: ExportOptions,
+    spec: ModelSpec,
+    state_dict: StateDict | None,
+    checkpoint_format: str | None,
+    preprocessing: Preprocessing,
+    recorded_cases: list[Case],
+    output: Path,
+    progress: Progress,
+) -> ExportOutcome:
+    """The heavy part: reference, reference outputs, transforms, export, check, validate."""
     timings: dict[str, float] = {}
     clock = time.perf_counter()
 
@@ -193,54 +291,29 @@ def run_export(opts: ExportOptions, progress: Progress) -> ExportOutcome:
                 opts.images,
                 preprocessing,
             )
-            if opts.reference_outputs:
-                cases.append(
-                    recorded_case(
-                        opts.reference_outputs,
-                        spec.in_channels,
-                        spec.img_size,
-                        spec.num_classes,
-                        opts.batch,
-                    )
-                )
+            cases += recorded_cases
             add_reference_outputs(reference.model, cases)
+
+    opset = opts.opset or DEFAULT_OPSET[opts.exporter]
+    metadata = export_metadata(opts, spec, preprocessing, reference, sha256, checkpoint_format)
 
     with progress.step("baking relative biases, folding BatchNorm and attention scales"):
         bias_bytes = bake_relative_biases(reference.model)
         folded = fold_batchnorms(reference.model)
         scales = fold_attention_scales(reference.model)
+        if metadata.attention == "fused":
+            use_onnx_attention(reference.model)
     progress.note(
         f"baked biases add {bias_bytes / 2**20:.1f} MiB; folded {folded} BatchNorms and "
         f"{scales} attention scales"
     )
 
-    opset = opts.opset or DEFAULT_OPSET[opts.exporter]
-    metadata = ExportMetadata(
-        variant=spec.architecture.name,
-        architecture=spec.architecture.as_dict(),
-        img_size=list(spec.img_size),
-        in_channels=spec.in_channels,
-        num_classes=spec.num_classes,
-        mean=list(preprocessing.mean),
-        std=list(preprocessing.std),
-        crop_pct=preprocessing.crop_pct,
-        interpolation=preprocessing.interpolation,
-        resize="scale to cover img_size / crop_pct keeping aspect, then centre crop",
-        exporter=opts.exporter,
-        opset=opset,
-        batch="dynamic" if opts.batch is None else str(opts.batch),
-        weights=reference.weights,
-        seed=None if opts.checkpoint else opts.seed,
-        checkpoint_format=checkpoint_format,
-        weights_sha256=sha256,
-        numerics=spec.numerics.as_dict(),
-        versions=versions(),
-        labels=opts.labels,
-    )
-
-    with staging(output) as stage:
+    with staging(output) as stage, writing(output):
         model_path = stage / MODEL_FILE
-        with progress.step(f"exporting with the {opts.exporter} exporter (opset {opset})"):
+        with progress.step(
+            f"exporting with the {opts.exporter} exporter (opset {opset}, "
+            f"{metadata.attention} attention)"
+        ):
             export_onnx(
                 reference.model,
                 model_path,
@@ -284,9 +357,56 @@ def run_export(opts: ExportOptions, progress: Progress) -> ExportOutcome:
         write_json(stage / MANIFEST_FILE, outcome.manifest())
         write_json(stage / VALIDATION_FILE, outcome.validation_report())
         destination = output if passed else rejected_path(output)
-        publish(stage, destination)
+        publish_with_report(stage, destination, opts.report, outcome.validation_report())
         outcome.directory = destination
     return outcome
+
+
+def publish_with_report(stage: Path, destination: Path, report: Path | None, payload: dict) -> None:
+    """Publish ``stage``; the report, written first under a temporary name, follows it."""
+    if report is None:
+        publish(stage, destination)
+        return
+    with atomic_file(report) as tmp:
+        with writing(report, "--report"):
+            write_json(tmp, payload)
+        publish(stage, destination)
+
+
+def export_metadata(
+    opts: ExportOptions,
+    spec: ModelSpec,
+    preprocessing: Preprocessing,
+    reference: ReferenceModel,
+    sha256: str,
+    checkpoint_format: str | None,
+) -> ExportMetadata:
+    """What the exported model records about itself."""
+    return ExportMetadata(
+        variant=spec.architecture.name,
+        architecture=spec.architecture.as_dict(),
+        img_size=list(spec.img_size),
+        in_channels=spec.in_channels,
+        num_classes=spec.num_classes,
+        mean=list(preprocessing.mean),
+        std=list(preprocessing.std),
+        crop_pct=preprocessing.crop_pct,
+        interpolation=preprocessing.interpolation,
+        resize="scale to cover img_size / crop_pct keeping aspect, then centre crop",
+        exporter=opts.exporter,
+        opset=opts.opset or DEFAULT_OPSET[opts.exporter],
+        batch="dynamic" if opts.batch is None else str(opts.batch),
+        weights=reference.weights,
+        seed=None if opts.checkpoint else opts.seed,
+        checkpoint_format=checkpoint_format,
+        weights_sha256=sha256,
+        numerics=spec.numerics.as_dict(),
+        versions=versions(),
+        labels=opts.labels,
+        attention=choose_attention(
+            opts.exporter, opts.opset or DEFAULT_OPSET[opts.exporter], opts.attention
+        ),
+    )
 
 
 def rejected_path(output: Path) -> Path:

@@ -1,5 +1,5 @@
 """Exact rewrites of the PyTorch model before export: constant biases, folded BatchNorm and
-attention scale."""
+attention scale, and the choice of the fused attention operator."""
 
 from __future__ import annotations
 
@@ -25,6 +25,15 @@ def fold_attention_scales(model: CoAtNet) -> int:
     blocks = model.attention_blocks()
     for attention in blocks:
         attention.fold_scale()
+    return len(blocks)
+
+
+def use_onnx_attention(model: CoAtNet) -> int:
+    """Export every attention block as one ONNX ``Attention`` operator (opset 23); returns how
+    many. The eager model is unchanged until export: this only selects the traced path."""
+    blocks = model.attention_blocks()
+    for attention in blocks:
+        attention.onnx_attention = True
     return len(blocks)
 
 

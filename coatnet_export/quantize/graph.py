@@ -1,8 +1,9 @@
 """The graph around onnxruntime's quantizer: preparation, which nodes become int8, compaction.
 
-prepare (quant_pre_process, spatial means as GlobalAveragePool) -> a :class:`Recipe` picks the
-op types to quantize and the nodes to keep float -> after quantization, the baked biases are
-stored as fp16.
+prepare (quant_pre_process's optimisation and shape inference, file to file; spatial means as
+GlobalAveragePool) -> a :class:`Recipe` picks the op types to quantize and the nodes to keep
+float -> after quantization, each baked relative-position bias is stored as its table and an
+index (:func:`compact_biases`).
 """
 
 from __future__ import annotations
@@ -12,25 +13,43 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
-from onnxruntime.quantization.shape_inference import quant_pre_process
+from onnxruntime.quantization.quant_utils import add_pre_process_metadata
 
-from coatnet_export.console import quiet_libraries
 from coatnet_export.inspect import load_proto
 
 SPATIAL_AXES = ([2, 3], [-2, -1])
 ARITHMETIC = ("Conv", "MatMul", "Gemm")
+BIAS_CONSUMERS = ({"Add"}, {"Attention"})
+"""What a baked bias feeds: the score Add (matmul attention) or ONNX Attention (fused)."""
+MIN_TABLE_RATIO = 4
+"""A baked bias is stored as a table when it has at most 1/4 as many distinct vectors as
+positions (a relative-position bias has (2h-1)(2w-1) against (hw)^2)."""
 
 
-def prepare(model_path: Path, pre_path: Path) -> int:
-    """onnxruntime's ``quant_pre_process`` of ``model_path`` into ``pre_path``, then the
-    spatial means rewritten as pooling (:func:`pool_spatial_means`); returns how many."""
-    with quiet_libraries():
-        quant_pre_process(str(model_path), str(pre_path), skip_symbolic_shape=True)
+def prepare(model_path: Path, pre_path: Path, low_memory: bool = False) -> int:
+    """The preparation of onnxruntime's ``quant_pre_process``, file to file so that no copy of
+    the weights is held in Python: onnxruntime's basic graph optimisations (constant folding of
+    the weight reshapes and transposes) written to ``pre_path`` with its weights in
+    ``pre_path.data``, the spatial means rewritten as pooling (:func:`pool_spatial_means`),
+    then ONNX shape inference; returns how many means were rewritten."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(pre_path)
+    options.log_severity_level = 3
+    options.add_session_config_entry(
+        "session.optimized_model_external_initializers_file_name", f"{pre_path.name}.data"
+    )
+    if low_memory:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        options.enable_cpu_mem_arena = False
+    ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     model = load_proto(pre_path)
     rewritten = pool_spatial_means(model)
-    if rewritten:
-        onnx.save(model, str(pre_path))
+    add_pre_process_metadata(model)
+    onnx.save(model, str(pre_path))
+    onnx.shape_inference.infer_shapes_path(str(pre_path), str(pre_path))
     return rewritten
 
 
@@ -147,44 +166,92 @@ RECIPES = (
 )
 FALLBACK_OPS = (*ARITHMETIC, "Mul")
 """Op types the accuracy fallback returns to float (pooling is as exact in int8)."""
+DYNAMIC_OPS = ("MatMul", "Gemm")
+"""Dynamic quantization leaves Conv float: ConvInteger brought no speed on this machine."""
 
 
-def compact_biases(model_path: Path) -> int:
-    """Store large float32 constants that only feed Add nodes (the baked attention biases) as
-    fp16 with a Cast, which onnxruntime folds at session start; returns the bytes saved."""
-    model = onnx.load(str(model_path))
+def nodes_to_float(tensor: str, proto: onnx.ModelProto, excluded: set[str]) -> list[str]:
+    """The quantized nodes (not yet ``excluded``) that read ``tensor`` as int8, or else the
+    closest one upstream of it: what returns a poorly quantized ``tensor`` to float."""
+    readers = [
+        n.name
+        for n in proto.graph.node
+        if tensor in n.input and n.op_type in FALLBACK_OPS and n.name not in excluded
+    ]
+    if readers:
+        return readers
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    frontier, seen = [tensor], set()
+    while frontier:
+        node = producer.get(frontier.pop(0))
+        if node is None or node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.op_type in FALLBACK_OPS and node.name not in excluded:
+            return [node.name]
+        frontier.extend(node.input)
+    return []
+
+
+def compact_biases(model: onnx.ModelProto) -> int:
+    """Store each baked relative-position bias (a float constant of shape (1, heads, N, N) that
+    only feeds Add nodes, or Attention nodes as their mask) as its small table and one index:
+    ``Gather(table, index, axis=2)``, which onnxruntime folds back into the same constant at
+    session start. Lossless, and the index is shared by every block with the same token grid;
+    returns the bytes saved."""
     consumers: dict[str, set[str]] = {}
     for node in model.graph.node:
         for name in node.input:
             consumers.setdefault(name, set()).add(node.op_type)
-    saved = 0
-    kept = []
+    indices: dict[bytes, str] = {}
+    kept, gathers, saved = [], [], 0
     for tensor in model.graph.initializer:
-        dims = list(tensor.dims)
-        if (
-            tensor.data_type == TensorProto.FLOAT
-            and len(dims) >= 3
-            and dims[-1] == dims[-2]
-            and dims[-1] >= 4
-            and consumers.get(tensor.name) == {"Add"}
-        ):
-            half = numpy_helper.to_array(tensor).astype(np.float16)
-            fp16 = numpy_helper.from_array(half, tensor.name + "_fp16")
-            kept.append(fp16)
-            model.graph.node.insert(
-                0,
-                helper.make_node(
-                    "Cast",
-                    [fp16.name],
-                    [tensor.name],
-                    to=TensorProto.FLOAT,
-                    name=tensor.name + "_cast",
-                ),
-            )
-            saved += half.nbytes
+        table = _as_table(tensor) if consumers.get(tensor.name) in BIAS_CONSUMERS else None
+        if table is None:
+            kept.append(tensor)
             continue
-        kept.append(tensor)
+        values, index = table
+        index_name = indices.setdefault(index.tobytes(), f"{tensor.name}_index")
+        if index_name == f"{tensor.name}_index":
+            kept.append(numpy_helper.from_array(index, index_name))
+            saved -= index.nbytes
+        kept.append(numpy_helper.from_array(values, f"{tensor.name}_table"))
+        gathers.append(
+            helper.make_node(
+                "Gather",
+                [f"{tensor.name}_table", index_name],
+                [tensor.name],
+                name=f"{tensor.name}_gather",
+                axis=len(tensor.dims) - 2,
+            )
+        )
+        saved += 4 * int(np.prod(tensor.dims)) - values.nbytes
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)
-    onnx.save(model, str(model_path))
+    for node in reversed(gathers):
+        model.graph.node.insert(0, node)
     return saved
+
+
+def _as_table(tensor: onnx.TensorProto) -> tuple[np.ndarray, np.ndarray] | None:
+    """A float32 (..., N, N) constant with few distinct vectors over its leading axes, as
+    (table (..., K), int32 index (N, N)) in order of first appearance; None if it is not one."""
+    dims = list(tensor.dims)
+    if (
+        tensor.data_type != TensorProto.FLOAT
+        or len(dims) < 3
+        or dims[-1] != dims[-2]
+        or dims[-1] < 4
+    ):
+        return None
+    array = numpy_helper.to_array(tensor)
+    positions = array.reshape(-1, dims[-1] * dims[-2]).T  # one row per (i, j)
+    unique, first, inverse = np.unique(positions, axis=0, return_index=True, return_inverse=True)
+    if len(unique) * MIN_TABLE_RATIO > len(positions):
+        return None
+    order = np.argsort(first)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    table = np.ascontiguousarray(unique[order].T.reshape(*dims[:-2], len(unique)))
+    index = rank[inverse.reshape(-1)].reshape(dims[-2], dims[-1]).astype(np.int32)
+    return table, index

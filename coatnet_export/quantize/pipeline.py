@@ -1,128 +1,82 @@
 """int8 quantization of an export for CPU inference, on top of onnxruntime.quantization.
 
-prepare (quant_graph.prepare) -> choose types for this CPU -> quantize (static QDQ with
-calibration images, or dynamic; quant_graph.Recipe picks the nodes) -> store the baked biases
-as fp16 -> evaluate against fp32 on held-out images -> while the top-1 gate fails, return the
-lowest-SQNR tensors to float (qdq_loss_debug) and quantize again -> report.
+check the model and the inputs -> choose the types for the target CPU and the gate -> prepare
+(graph.prepare) -> calibrate in bounded memory (calibrate.calibrate) -> quantize (onnxruntime,
+static QDQ from the calibration cache, or dynamic; graph.Recipe picks the nodes) -> compact the
+baked biases -> compare with fp32 on held-out inputs -> while the gate fails, return the nodes
+behind the lowest-SQNR activations to float and quantize again -> time fp32 and int8 ->
+write model.int8.onnx (+ .data above the external-data threshold), quantization.json and the
+manifest beside model.onnx, each under a temporary name first, renamed together at the end.
+
+Every file is written in a hidden work folder inside the export folder (``.quantize-*``),
+removed whatever happens; the work files keep their weights in external data files, so no
+step holds more than one copy of the fp32 weights in Python.
 """
 
 from __future__ import annotations
 
 import json
-import platform
 import shutil
 import tempfile
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import onnx
-from onnxruntime.quantization import (
-    CalibrationDataReader,
-    CalibrationMethod,
-    QuantFormat,
-    QuantType,
-    quantize_dynamic,
-    quantize_static,
-)
-from onnxruntime.quantization.qdq_loss_debug import (
-    collect_activations,
-    compute_activation_error,
-    create_activation_matching,
-    modify_model_output_intermediate_tensors,
-)
+from onnx.external_data_helper import uses_external_data
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
-from coatnet_export.bench import INT8_OPS, time_interleaved
+from coatnet_export.bench import INT8_OPS
 from coatnet_export.console import quiet_libraries
-from coatnet_export.errors import InputError
-from coatnet_export.inspect import load_proto, metadata_of
-from coatnet_export.metadata import write_json, write_props
-from coatnet_export.preprocess import Preprocessing, list_images, load_images
+from coatnet_export.errors import InputError, os_error_message, signals_deferred, writing
+from coatnet_export.export import package
+from coatnet_export.inspect import load_proto, metadata_of, resolve_model_path
+from coatnet_export.metadata import ExportMetadata, write_json, write_props
+from coatnet_export.output import lock
+from coatnet_export.preprocess import Preprocessing
+from coatnet_export.quantize.calibrate import (
+    METHODS,
+    Inputs,
+    SessionPlan,
+    calibrate,
+    image_inputs,
+    model_batch,
+)
+from coatnet_export.quantize.evaluate import (
+    Agreement,
+    Gate,
+    agreement,
+    choose_gate,
+    latency,
+    logits,
+    lowest_sqnr,
+)
 from coatnet_export.quantize.graph import (
     DEFAULT_RECIPE,
-    FALLBACK_OPS,
+    DYNAMIC_OPS,
     Recipe,
     compact_biases,
+    nodes_to_float,
     prepare,
 )
-from coatnet_export.runtimes.onnxruntime import make_session, run_session
+from coatnet_export.quantize.presets import QuantChoice, choose_types
+from coatnet_export.quantize.report import QuantReport, metadata_quantization
+from coatnet_export.runtimes import check_runtime
 
 INT8_FILE = "model.int8.onnx"
 REPORT_FILE = "quantization.json"
-CALIBRATION_METHODS = {
-    "minmax": CalibrationMethod.MinMax,
-    "entropy": CalibrationMethod.Entropy,
-    "percentile": CalibrationMethod.Percentile,
-}
+MANIFEST_FILE = "manifest.json"
+WORK_PREFIX = ".quantize-"
 TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-DYNAMIC_OPS = ("MatMul", "Gemm")
-"""Dynamic quantization leaves Conv float: ConvInteger brought no speed on this machine."""
-
-
-@dataclass(frozen=True)
-class CpuInt8:
-    """The int8 capabilities that decide activation/weight types and reduce_range."""
-
-    arch: str
-    features: tuple[str, ...]
-
-    @classmethod
-    def detect(cls) -> CpuInt8:
-        flags: set[str] = set()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith(("flags", "Features")):
-                    flags.update(line.split(":", 1)[1].split())
-        except OSError:
-            pass
-        wanted = ("avx512_vnni", "avx_vnni", "avx512f", "avx2", "asimddp")
-        return cls(platform.machine(), tuple(f for f in wanted if f in flags))
-
-
-@dataclass
-class QuantChoice:
-    """Activation/weight types and reduce_range, with the reason for them."""
-
-    activation_type: str
-    weight_type: str
-    reduce_range: bool
-    reason: str
-
-
-def choose_types(cpu: CpuInt8) -> QuantChoice:
-    """onnxruntime's guidance per CPU: U8S8 everywhere, with reduce_range where it saturates."""
-    if "avx512_vnni" in cpu.features or "avx_vnni" in cpu.features:
-        return QuantChoice(
-            "uint8",
-            "int8",
-            False,
-            "x86 with VNNI: u8 x s8 dot products "
-            "accumulate in 32 bits, no saturation; full 8-bit range",
-        )
-    if "asimddp" in cpu.features:
-        return QuantChoice(
-            "uint8",
-            "int8",
-            False,
-            "ARM with dot-product instructions: u8/s8 "
-            "products accumulate in 32 bits; full 8-bit range",
-        )
-    if "avx2" in cpu.features or "avx512f" in cpu.features:
-        return QuantChoice(
-            "uint8",
-            "int8",
-            True,
-            "x86 without VNNI: u8 x s8 pairs can saturate "
-            "the 16-bit intermediate (vpmaddubsw); reduce_range keeps weights in "
-            "7 bits, as onnxruntime advises",
-        )
-    return QuantChoice(
-        "uint8",
-        "int8",
-        True,
-        f"no known int8 dot-product instructions on {cpu.arch}; reduce_range for safety",
-    )
+LOW_MEMORY_BYTES = 2**30
+"""fp32 weights from this size on run in low-memory onnxruntime sessions (weights held once)."""
+SQNR_SAMPLES = 8
+"""Held-out inputs the per-tensor SQNR is measured on."""
+RANDOM_EVAL_SAMPLES = 32
+EVAL_BATCH = 8
+"""Held-out inputs per run of a plain (not augmented) model."""
 
 
 @dataclass
@@ -136,231 +90,81 @@ class QuantOptions:
     method: str = "minmax"
     eval_data: Path | None = None
     eval_samples: int = 1000
+    target_cpu: str = "auto"
     activation_type: str | None = None
     weight_type: str | None = None
     reduce_range: bool | None = None
     per_channel: bool = True
+    gate: str = "auto"
     min_top1: float = 0.99
+    min_cosine: float = 0.99
     max_fallback_steps: int = 4
     fallback_per_step: int = 3
     threads: int | None = None
     latency_runs: int = 20
+    runtime: str = "onnxruntime"
+    """Where the report's agreement and latency are measured (onnxruntime or openvino)."""
     seed: int = 0
+    dynamic_hint: str = "--mode dynamic"
+    """How the command that runs this spells dynamic quantization (for error messages)."""
 
 
 @dataclass
-class Agreement:
-    """How the int8 model's outputs compare with fp32's on held-out inputs."""
+class Source:
+    """The fp32 model to quantize, checked."""
 
-    samples: int
-    top1: float
-    top5: float
-    min_cosine: float
-    max_abs: float
-    fp32_accuracy: float | None = None
-    int8_accuracy: float | None = None
+    model_path: Path
+    metadata: ExportMetadata | None
+    preprocessing: Preprocessing
+    weight_bytes: int
+    fixed_batch: int | None
+
+    @property
+    def folder(self) -> Path:
+        return self.model_path.parent
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.preprocessing.channels, *self.preprocessing.size)
+
+    def plan(self, threads: int | None, batch: int = 1) -> SessionPlan:
+        """How onnxruntime sessions run this model: batches of ``batch`` (or the model's fixed
+        batch); large weights in low-memory sessions, one input at a time."""
+        large = self.weight_bytes >= LOW_MEMORY_BYTES
+        return SessionPlan(
+            threads,
+            large,
+            self.fixed_batch or (1 if large else batch),
+            self.fixed_batch is not None,
+        )
 
 
 @dataclass
-class QuantReport:
-    mode: str
-    quantized_ops: list[str]
-    """The recipe's op types (static) or those of dynamic quantization."""
-    choice: QuantChoice
-    cpu: CpuInt8
-    calibration: str
-    excluded_nodes: list[str]
-    fallback_steps: list[list[str]]
-    agreement: Agreement
-    sizes: dict[str, int]
-    latency_ms: dict[str, float]
-    speedup: float
-    lowest_sqnr: list[dict[str, float | str]]
-    compact_bias_bytes: int
-    passed: bool
+class Data:
+    """The inputs quantization runs on."""
+
+    calibration: Inputs | None
+    evaluation: Inputs
+    calibration_source: str
     notes: list[str] = field(default_factory=list)
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+
+@dataclass
+class Attempt:
+    """One quantization of the prepared model, and how it compares with fp32."""
+
+    path: Path
+    excluded: list[str]
+    result: Agreement
 
 
-class ImageReader(CalibrationDataReader):
-    """Feeds preprocessed images (one per call) to onnxruntime's calibrators."""
-
-    def __init__(self, input_name: str, arrays: list[np.ndarray]) -> None:
-        self.input_name = input_name
-        self.arrays = arrays
-        self._iter: Iterator[np.ndarray] = iter(arrays)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        array = next(self._iter, None)
-        return None if array is None else {self.input_name: array[None]}
-
-    def rewind(self) -> None:
-        self._iter = iter(self.arrays)
-
-
-def read_image_folder(
-    folder: Path,
-    preprocessing: Preprocessing,
-    labels: list[str] | None,
-    limit: int | None = None,
-    skip: int = 0,
-) -> tuple[list[np.ndarray], list[int | None], int]:
-    """Preprocessed images of a folder (sorted), their labels from class sub-folder names where
-    those name a class, and how many files were unreadable."""
-    if not folder.is_dir():
-        raise InputError(f"{folder} is not a directory of images")
-    paths = list_images([folder])[skip:]
-    arrays, targets, bad = [], [], 0
-    for path, array, _reason in load_images(paths, preprocessing):
-        if array is None:
-            bad += 1
-            continue
-        arrays.append(array)
-        name = path.parent.name
-        targets.append(labels.index(name) if labels and name in labels else None)
-        if limit and len(arrays) >= limit:
-            break
-    return arrays, targets, bad
-
-
-def is_quantized(proto: onnx.ModelProto) -> bool:
-    return any(n.op_type in INT8_OPS or n.op_type == "DequantizeLinear" for n in proto.graph.node)
-
-
-def agreement(
-    fp32: list[np.ndarray], int8: list[np.ndarray], targets: list[int | None]
-) -> Agreement:
-    a, b = np.concatenate(fp32).astype(np.float64), np.concatenate(int8).astype(np.float64)
-    k = min(5, a.shape[1])
-    top_a, top_b = np.argsort(-a, 1)[:, :k], np.argsort(-b, 1)[:, :k]
-    cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
-    labelled = [(i, t) for i, t in enumerate(targets) if t is not None]
-    accuracy = (
-        (lambda top: float(np.mean([top[i, 0] == t for i, t in labelled])))
-        if labelled
-        else (lambda top: None)
-    )
-    return Agreement(
-        len(a),
-        float((top_a[:, 0] == top_b[:, 0]).mean()),
-        float(np.mean([set(x) == set(y) for x, y in zip(top_a, top_b, strict=True)])),
-        float(cos.min()),
-        float(np.abs(a - b).max()),
-        accuracy(top_a),
-        accuracy(top_b),
-    )
-
-
-def lowest_sqnr(
-    float_path: Path, int8_path: Path, reader: ImageReader, workdir: Path, count: int = 10
-) -> list[tuple[str, float]]:
-    """Tensors whose int8 values are furthest from fp32 (lowest SQNR in dB), worst first."""
-    float_aug, int8_aug = workdir / "float.aug.onnx", workdir / "int8.aug.onnx"
-    with quiet_libraries():
-        modify_model_output_intermediate_tensors(str(float_path), str(float_aug))
-        modify_model_output_intermediate_tensors(str(int8_path), str(int8_aug))
-        reader.rewind()
-        float_acts = collect_activations(str(float_aug), reader)
-        reader.rewind()
-        int8_acts = collect_activations(str(int8_aug), reader)
-        errors = compute_activation_error(create_activation_matching(int8_acts, float_acts))
-    scored = [
-        (name, float(err["xmodel_err"]))
-        for name, err in errors.items()
-        if "xmodel_err" in err and np.isfinite(err["xmodel_err"])
-    ]
-    return sorted(scored, key=lambda item: item[1])[:count]
-
-
-def _nearest_quantized(tensor: str, proto: onnx.ModelProto, excluded: set[str]) -> str | None:
-    """The closest node upstream of ``tensor`` that is quantized and not yet excluded."""
-    producer = {out: node for node in proto.graph.node for out in node.output}
-    frontier, seen = [tensor], set()
-    while frontier:
-        node = producer.get(frontier.pop(0))
-        if node is None or node.name in seen:
-            continue
-        seen.add(node.name)
-        if node.op_type in FALLBACK_OPS and node.name not in excluded:
-            return node.name
-        frontier.extend(node.input)
-    return None
-
-
-def quantize_once(
-    pre: Path,
-    out: Path,
-    opts: QuantOptions,
-    choice: QuantChoice,
-    reader: ImageReader | None,
-    exclude: list[str],
-    recipe: Recipe = DEFAULT_RECIPE,
-) -> None:
-    """One onnxruntime quantization of the prepared model ``pre`` into ``out``."""
-    if opts.mode == "dynamic":
-        quantize_dynamic(
-            str(pre),
-            str(out),
-            op_types_to_quantize=list(DYNAMIC_OPS),
-            per_channel=opts.per_channel,
-            reduce_range=choice.reduce_range,
-            weight_type=TYPES[choice.weight_type],
-            nodes_to_exclude=exclude,
-        )
-        return
-    reader.rewind()
-    quantize_static(
-        str(pre),
-        str(out),
-        reader,
-        quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=None if recipe.op_types is None else list(recipe.op_types),
-        per_channel=opts.per_channel,
-        reduce_range=choice.reduce_range,
-        activation_type=TYPES[choice.activation_type],
-        weight_type=TYPES[choice.weight_type],
-        nodes_to_exclude=exclude,
-        calibrate_method=CALIBRATION_METHODS[opts.method],
-        # not CalibMaxIntermediateOutputs: in onnxruntime 1.32 it drops every full chunk of
-        # samples without computing their ranges (MinMaxCalibrater.collect_data)
-        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
-    )
-
-
-def outputs(path: Path, arrays: list[np.ndarray], threads: int | None) -> list[np.ndarray]:
-    session = make_session(path, threads)
-    return [run_session(session, a[None]) for a in arrays]
-
-
-def latency(
-    models: dict[str, Path],
-    input_shape: tuple[int, ...],
-    threads: int | None,
-    runs: int,
-    batch: int = 1,
-) -> dict[str, float]:
-    """Median milliseconds of each named model, all timed interleaved in one run."""
-    x = np.random.default_rng(0).standard_normal((batch, *input_shape), dtype=np.float32)
-    sessions = {name: make_session(path, threads, spinning=False) for name, path in models.items()}
-    samples = time_interleaved(
-        {k: (lambda s=s: run_session(s, x)) for k, s in sessions.items()}, warmup=3, runs=runs
-    )
-    return {k: float(np.median(v) * 1000) for k, v in samples.items()}
-
-
-def run_quantize(
-    target: Path, opts: QuantOptions, say, preprocessing: Preprocessing | None = None
-) -> tuple[Path, QuantReport]:
-    """Quantize the fp32 export at ``target``; writes ``model.int8.onnx`` and a report beside it."""
-    from coatnet_export.inspect import resolve_model_path
-
+def check_source(target: Path, preprocessing: Preprocessing | None) -> Source:
+    """The fp32 model at ``target``, refused before any heavy work if it cannot be quantized."""
     model_path = resolve_model_path(target)
-    proto = load_proto(model_path)
-    if is_quantized(proto):
+    proto = load_proto(model_path)  # whole, one input, external data present and complete
+    if any(n.op_type in INT8_OPS or n.op_type == "DequantizeLinear" for n in proto.graph.node):
         raise InputError(f"{model_path} is already quantized; quantize the fp32 model.onnx")
-    metadata = metadata_of(proto)
+    metadata = metadata_of(proto, model_path)
     if preprocessing is None:
         if metadata is None:
             raise InputError(
@@ -368,198 +172,348 @@ def run_quantize(
                 "is unknown: pass --size H W, --mean and --std"
             )
         preprocessing = metadata.preprocessing()
-    labels = metadata.labels if metadata else None
-    input_name = proto.graph.input[0].name
-    input_shape = (preprocessing.channels, *preprocessing.size)
-    notes: list[str] = []
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    wanted = (preprocessing.channels, *preprocessing.size)
+    fixed = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    if len(fixed) != 4 or any(
+        f is not None and f != w for f, w in zip(fixed[1:], wanted, strict=False)
+    ):
+        raise InputError(
+            f"{model_path} takes input {fixed}, but the preprocessing gives {list(wanted)} per "
+            "image (check --size and the number of --mean/--std values)"
+        )
+    weights = sum(_tensor_bytes(t) for t in proto.graph.initializer)
+    return Source(model_path, metadata, preprocessing, weights, model_batch(proto))
 
-    calibration: list[np.ndarray] = []
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    if uses_external_data(tensor):
+        return int({e.key: e.value for e in tensor.external_data}.get("length", 0))
+    count = 1
+    for d in tensor.dims:
+        count *= d
+    return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+
+
+def check_options(opts: QuantOptions) -> None:
+    """What can be checked before the model exists (``export --quantize`` checks it before
+    exporting): a calibration source for static quantization, folders that are folders, the
+    runtime installed."""
+    check_runtime(opts.runtime)
+    if opts.mode == "static" and opts.calibration_data is None and not opts.random_calibration:
+        raise InputError(
+            "static quantization needs --calibration-data DIR (images preprocessed like "
+            "inference); or --random-calibration, which costs accuracy, or "
+            f"{opts.dynamic_hint}"
+        )
+    for option, folder in (
+        ("--calibration-data", opts.calibration_data),
+        ("--eval-data", opts.eval_data),
+    ):
+        if folder is not None and not folder.is_dir():
+            raise InputError(f"{option} {folder} is not a directory of images")
+
+
+def gather_data(source: Source, opts: QuantOptions) -> Data:
+    """The calibration and held-out inputs (images are decoded once to check them, then only
+    their paths are kept)."""
+    labels = source.metadata.labels if source.metadata else None
+    calibration, notes, described = None, [], "none (dynamic quantization)"
     if opts.mode == "static":
         if opts.calibration_data is not None:
-            calibration, _, bad = read_image_folder(
-                opts.calibration_data, preprocessing, labels, limit=opts.samples
+            calibration, bad = image_inputs(
+                opts.calibration_data, source.preprocessing, labels, opts.samples
             )
             if bad:
                 notes.append(f"skipped {bad} unreadable calibration file(s)")
-            if not calibration:
+            if not len(calibration):
                 raise InputError(
                     f"no usable image in {opts.calibration_data}"
                     + (f" ({bad} unreadable file(s))" if bad else "")
                 )
-            source = f"{len(calibration)} images from {opts.calibration_data}"
-        elif opts.random_calibration:
-            rng = np.random.default_rng(opts.seed)
-            calibration = [
-                rng.standard_normal(input_shape, dtype=np.float32) for _ in range(opts.samples)
-            ]
-            source = f"{opts.samples} random inputs"
+            described = f"{len(calibration)} images from {opts.calibration_data}"
+        else:
+            calibration = Inputs(source.preprocessing, random=opts.samples, seed=opts.seed)
+            described = f"{opts.samples} random inputs"
             notes.append(
                 "calibrated on random inputs: activation ranges of noise, not of "
                 "images, usually cost accuracy; use --calibration-data"
             )
-        else:
-            raise InputError(
-                "static quantization needs --calibration-data DIR (images "
-                "preprocessed like inference); or --random-calibration, which costs "
-                "accuracy, or --quantize dynamic"
-            )
-    else:
-        source = "none (dynamic quantization)"
-
+    evaluation = Inputs(source.preprocessing)
     if opts.eval_data is not None:
-        evaluation, targets, _ = read_image_folder(
-            opts.eval_data, preprocessing, labels, limit=opts.eval_samples
+        evaluation, _ = image_inputs(
+            opts.eval_data, source.preprocessing, labels, opts.eval_samples, option="--eval-data"
         )
     elif opts.calibration_data is not None:
-        evaluation, targets, _ = read_image_folder(
-            opts.calibration_data,
-            preprocessing,
-            labels,
-            limit=opts.eval_samples,
-            skip=len(calibration),
+        used = set(calibration.paths) if calibration else set()
+        evaluation, _ = image_inputs(
+            opts.calibration_data, source.preprocessing, labels, opts.eval_samples, used
         )
-    else:
-        evaluation, targets = [], []
-    if not evaluation:
-        rng = np.random.default_rng(opts.seed + 1)
-        evaluation = [rng.standard_normal(input_shape, dtype=np.float32) for _ in range(32)]
-        targets = [None] * len(evaluation)
+    if not len(evaluation):
+        evaluation = Inputs(source.preprocessing, random=RANDOM_EVAL_SAMPLES, seed=opts.seed + 1)
         notes.append(
             "no held-out images (give --eval-data DIR): agreement measured on random inputs"
         )
+    return Data(calibration, evaluation, described, notes)
 
-    cpu = CpuInt8.detect()
-    choice = choose_types(cpu)
-    if opts.activation_type or opts.weight_type or opts.reduce_range is not None:
-        choice = QuantChoice(
-            opts.activation_type or choice.activation_type,
-            opts.weight_type or choice.weight_type,
-            choice.reduce_range if opts.reduce_range is None else opts.reduce_range,
-            "set on the command line",
-        )
-    say(
-        f"CPU {cpu.arch} [{', '.join(cpu.features) or 'no int8 features found'}]: activations "
-        f"{choice.activation_type}, weights {choice.weight_type}, reduce_range "
-        f"{choice.reduce_range} ({choice.reason})"
+
+@contextmanager
+def workspace(folder: Path) -> Iterator[Path]:
+    """A hidden work folder inside ``folder``, under the lock on its int8 model; work folders
+    that a killed run left behind are removed first. Removed on exit, whatever happens."""
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(lock(folder / INT8_FILE, option="model folder"))
+            for stale in folder.glob(f"{WORK_PREFIX}*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            work = Path(tempfile.mkdtemp(prefix=WORK_PREFIX, dir=folder))
+        except OSError as exc:
+            raise InputError(f"{folder} is not writable ({os_error_message(exc)})") from None
+        stack.callback(shutil.rmtree, work, ignore_errors=True)
+        yield work
+
+
+def quantize_once(
+    pre: Path,
+    out: Path,
+    opts: QuantOptions,
+    choice: QuantChoice,
+    cache: Path | None,
+    exclude: list[str],
+    recipe: Recipe = DEFAULT_RECIPE,
+) -> int:
+    """One onnxruntime quantization of the prepared model ``pre`` (static: the op types of
+    ``recipe``), its baked biases compacted, into ``out`` with its weights in ``out.data``;
+    returns the bytes the compaction saved."""
+    raw = out.with_name(f"raw-{out.name}")
+    with quiet_libraries():
+        if opts.mode == "dynamic":
+            quantize_dynamic(
+                str(pre),
+                str(raw),
+                op_types_to_quantize=list(DYNAMIC_OPS),
+                per_channel=opts.per_channel,
+                reduce_range=choice.reduce_range,
+                weight_type=TYPES[choice.weight_type],
+                nodes_to_exclude=exclude,
+                use_external_data_format=True,
+            )
+        else:
+            quantize_static(
+                str(pre),
+                str(raw),
+                None,
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=None if recipe.op_types is None else list(recipe.op_types),
+                per_channel=opts.per_channel,
+                reduce_range=choice.reduce_range,
+                activation_type=TYPES[choice.activation_type],
+                weight_type=TYPES[choice.weight_type],
+                nodes_to_exclude=exclude,
+                calibrate_method=METHODS[opts.method],
+                calibration_cache_path=cache,
+                use_external_data_format=True,
+                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+            )
+    model = onnx.load(str(raw))
+    for path in (raw, raw.with_name(f"{raw.name}.data")):
+        path.unlink(missing_ok=True)
+    saved = compact_biases(model)
+    save_model(model, out, external=True)
+    return saved
+
+
+def save_model(model: onnx.ModelProto, path: Path, external: bool) -> None:
+    """Write ``model`` to ``path``, its weights in ``path.data`` when ``external``."""
+    if not external:
+        onnx.save_model(model, str(path))
+        return
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=f"{path.name}.data",
+        size_threshold=1024,
+        convert_attribute=False,
     )
 
-    output = model_path.parent / INT8_FILE
-    try:
-        work_dir = tempfile.mkdtemp(prefix=".quantize-", dir=model_path.parent)
-    except OSError as exc:
-        raise InputError(f"{model_path.parent} is not writable ({exc.strerror or exc})") from None
-    work = Path(work_dir)
-    try:
-        pre = work / "pre.onnx"
-        say("preparing the fp32 model (quant_pre_process, spatial means as pooling)")
-        prepare(model_path, pre)
-        pre_proto = load_proto(pre)
-        exclude = DEFAULT_RECIPE.exclusions(pre_proto) if opts.mode == "static" else []
-        reader = ImageReader(input_name, calibration) if calibration else None
-        reference = outputs(pre, evaluation, opts.threads)
-        steps: list[list[str]] = []
-        quantized = work / "int8.onnx"
-        while True:
-            say(
-                f"quantizing ({opts.mode}"
-                + (
-                    f", {opts.method} calibration on {len(calibration)} samples"
-                    if calibration
-                    else ""
-                )
-                + (f", {len(steps)} fallback step(s)" if steps else "")
-                + ")"
-            )
-            with quiet_libraries():
-                quantize_once(pre, quantized, opts, choice, reader, exclude)
-            compact = compact_biases(quantized)
-            result = agreement(reference, outputs(quantized, evaluation, opts.threads), targets)
-            say(f"top-1 agreement with fp32: {result.top1:.4f} on {result.samples} inputs")
-            if (
-                result.top1 >= opts.min_top1
-                or opts.mode != "static"
-                or len(steps) >= opts.max_fallback_steps
-            ):
-                break
-            worst = lowest_sqnr(
-                pre, quantized, ImageReader(input_name, calibration[:8]), work, count=20
-            )
-            excluded = set(exclude)
-            step = []
-            for tensor, _ in worst:
-                node = _nearest_quantized(tensor, pre_proto, excluded)
-                if node is not None:
-                    step.append(node)
-                    excluded.add(node)
-                if len(step) >= opts.fallback_per_step:
-                    break
-            if not step:
-                break
-            say(f"returning to float: {', '.join(step)}")
-            steps.append(step)
-            exclude += step
-        worst10: list[dict[str, float | str]] = []
-        if opts.mode == "static":
-            worst10 = [
-                {"tensor": t, "sqnr_db": s}
-                for t, s in lowest_sqnr(
-                    pre, quantized, ImageReader(input_name, calibration[:8]), work
-                )
-            ]
-        say(f"timing fp32 against int8 ({opts.latency_runs} interleaved runs each)")
-        timings = latency(
-            {"fp32": model_path, "int8": quantized}, input_shape, opts.threads, opts.latency_runs
+
+def fallback_step(
+    pre: Path, attempt: Attempt, evaluation: Inputs, plan: SessionPlan, per_step: int
+) -> list[str]:
+    """The nodes to return to float next, about ``per_step`` of them: those that read the
+    activations with the lowest SQNR in int8 (or the closest quantized node upstream)."""
+    worst = lowest_sqnr(pre, attempt.path, evaluation.take(SQNR_SAMPLES), plan, count=20)
+    proto = onnx.load(str(pre), load_external_data=False)
+    excluded, step = set(attempt.excluded), []
+    for tensor, _ in worst:
+        nodes = nodes_to_float(tensor, proto, excluded)
+        step += nodes
+        excluded.update(nodes)
+        if len(step) >= per_step:
+            break
+    return step
+
+
+class Steps:
+    """Step lines through ``say``, each with the seconds the previous step took."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say = say
+        self.start = time.perf_counter()
+
+    def __call__(self, text: str) -> None:
+        self.say(f"[{time.perf_counter() - self.start:6.1f} s] {text}")
+
+    def counter(self, what: str, total: int, every_s: float = 15.0) -> Callable[[int], None]:
+        """A callback for ``done`` items out of ``total``, printing at most every ``every_s``."""
+        last = [time.perf_counter()]
+
+        def report(done: int) -> None:
+            now = time.perf_counter()
+            if now - last[0] >= every_s or done == total:
+                last[0] = now
+                self(f"{what} {done}/{total}")
+
+        return report
+
+
+def run_quantize(
+    target: Path, opts: QuantOptions, say: Callable[[str], None], preprocessing=None
+) -> tuple[Path, QuantReport]:
+    """Quantize the fp32 export at ``target``; writes ``model.int8.onnx`` and a report beside it."""
+    check_options(opts)
+    source = check_source(target, preprocessing)
+    choice = choose_types(
+        opts.target_cpu, opts.activation_type, opts.weight_type, opts.reduce_range
+    )
+    if opts.mode == "dynamic" and choice.activation_type != "uint8":
+        choice.activation_type = "uint8"
+        choice.reason += "; dynamic quantization computes u8 activations whatever the target"
+    gate = choose_gate(opts.gate, source.metadata, opts.min_top1, opts.min_cosine)
+    data = gather_data(source, opts)
+    progress = Steps(say)
+    progress(choice.describe())
+    progress(f"gate: {gate.label} >= {gate.threshold} ({gate.reason})")
+    with workspace(source.folder) as work, writing(source.folder, "model folder"):
+        report = quantize_in(work, source, opts, choice, gate, data, progress)
+        publish_outputs(work, source, report)
+    return source.folder / INT8_FILE, report
+
+
+def quantize_in(
+    work: Path,
+    source: Source,
+    opts: QuantOptions,
+    choice: QuantChoice,
+    gate: Gate,
+    data: Data,
+    progress: Steps,
+) -> QuantReport:
+    """Every heavy step, in ``work``; leaves model.int8.onnx (+ .data), quantization.json and
+    manifest.json there."""
+    plan = source.plan(opts.threads)  # one input per run: augmented models hold more
+    batched = replace(source.plan(opts.threads, EVAL_BATCH), runtime=opts.runtime)
+    pre = work / "pre.onnx"
+    progress("preparing the fp32 model (onnxruntime basic optimisation, shape inference)")
+    prepare(source.model_path, pre, plan.low_memory)
+    cache = None
+    if data.calibration is not None:
+        count = len(data.calibration)
+        progress(f"calibrating ({opts.method}) on {count} inputs, {plan.batch} per run")
+        cache = calibrate(
+            pre,
+            data.calibration,
+            DEFAULT_RECIPE.op_types,
+            opts.method,
+            plan,
+            progress.counter("calibrated", count),
         )
-        passed = result.top1 >= opts.min_top1
-        report = QuantReport(
-            opts.mode,
-            list(DEFAULT_RECIPE.op_types if opts.mode == "static" else DYNAMIC_OPS),
-            choice,
-            cpu,
-            source,
-            exclude,
-            steps,
-            result,
-            {"fp32": _file_bytes(model_path), "int8": _file_bytes(quantized)},
-            timings,
-            timings["fp32"] / timings["int8"],
-            worst10,
-            compact,
-            passed,
-            notes,
+    progress(f"fp32 logits on {len(data.evaluation)} held-out inputs")
+    reference = logits(source.model_path, data.evaluation, batched)
+    proto = onnx.load(str(pre), load_external_data=False)
+    exclude = DEFAULT_RECIPE.exclusions(proto) if opts.mode == "static" else []
+    del proto
+    attempts: list[Attempt] = []
+    steps: list[list[str]] = []
+    compact = 0
+    while True:
+        path = work / f"int8-{len(attempts)}.onnx"
+        progress(
+            f"quantizing ({opts.mode}" + (f", fallback step {len(steps)}" if steps else "") + ")"
         )
-        final = onnx.load(str(quantized))
-        if metadata is not None:
-            metadata.quantization = metadata_quantization(report)
-            write_props(final, metadata)
-        onnx.save(final, str(quantized))
-        quantized.replace(output)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    write_json(model_path.parent / REPORT_FILE, report.as_dict())
-    manifest_path = model_path.parent / "manifest.json"
+        compact = quantize_once(pre, path, opts, choice, cache, exclude)
+        int8 = logits(path, data.evaluation, batched)
+        result = agreement(reference, int8, data.evaluation.targets)
+        attempts.append(Attempt(path, list(exclude), result))
+        progress(f"gate: {gate.describe(result)}")
+        if gate.passed(result) or opts.mode != "static" or len(steps) >= opts.max_fallback_steps:
+            break
+        progress("measuring per-tensor SQNR to choose nodes for float")
+        step = fallback_step(pre, attempts[-1], data.evaluation, plan, opts.fallback_per_step)
+        if not step:
+            break
+        progress(f"returning to float: {', '.join(step)}")
+        steps.append(step)
+        exclude = exclude + step
+    final = attempts[-1]
+    worst: list[tuple[str, float]] = []
+    if opts.mode == "static":
+        progress(f"per-tensor SQNR on {min(SQNR_SAMPLES, len(data.evaluation))} held-out inputs")
+        worst = lowest_sqnr(pre, final.path, data.evaluation.take(SQNR_SAMPLES), plan)
+    timed = {"fp32": source.model_path, "int8": final.path}
+    if steps:
+        timed["int8 before fallback"] = attempts[0].path
+    progress(f"timing {', '.join(timed)} ({opts.latency_runs} interleaved batch-1 runs each)")
+    timed_plan = replace(plan, runtime=opts.runtime)
+    timings = latency(timed, source.input_shape, timed_plan, opts.latency_runs)
+    report = QuantReport.build(
+        opts, choice, gate, data, final, attempts[0], steps, timings, worst, compact, timed_plan
+    )
+    progress("writing model.int8.onnx")
+    write_outputs(work, source, final, report)
+    return report
+
+
+def write_outputs(work: Path, source: Source, final: Attempt, report: QuantReport) -> None:
+    """model.int8.onnx with its metadata (weights in model.int8.onnx.data above the
+    external-data threshold), quantization.json and the updated manifest, all in ``work``."""
+    model = onnx.load(str(final.path))
+    if source.metadata is not None:
+        source.metadata.quantization = metadata_quantization(report)
+        write_props(model, source.metadata)
+    weights = sum(_tensor_bytes(t) for t in model.graph.initializer)
+    external = weights > package.EXTERNAL_DATA_THRESHOLD
+    save_model(model, work / INT8_FILE, external)
+    del model
+    files = {INT8_FILE: (work / INT8_FILE).stat().st_size}
+    if external:
+        files[f"{INT8_FILE}.data"] = (work / f"{INT8_FILE}.data").stat().st_size
+    report.sizes = {"fp32": _file_bytes(source.model_path), "int8": sum(files.values())}
+    report.files = list(files)
+    write_json(work / REPORT_FILE, report.as_dict())
+    manifest_path = source.folder / MANIFEST_FILE
     if manifest_path.is_file():  # the export's manifest lists the int8 model too
         manifest = json.loads(manifest_path.read_text())
-        manifest["files"][INT8_FILE] = output.stat().st_size
-        manifest["quantization"] = {"file": INT8_FILE, **metadata_quantization(report)}
-        write_json(manifest_path, manifest)
-    return output, report
+        listed = manifest.setdefault("files", {})
+        for name in (INT8_FILE, f"{INT8_FILE}.data"):
+            listed.pop(name, None)
+        listed.update(files)
+        manifest["quantization"] = {"files": list(files), **metadata_quantization(report)}
+        write_json(work / MANIFEST_FILE, manifest)
 
 
-def metadata_quantization(report: QuantReport) -> dict:
-    """The summary of a quantization recorded in the int8 model and the manifest."""
-    return {
-        "mode": report.mode,
-        "quantized_ops": report.quantized_ops,
-        "activation_type": report.choice.activation_type,
-        "weight_type": report.choice.weight_type,
-        "reduce_range": report.choice.reduce_range,
-        "reason": report.choice.reason,
-        "cpu_features": list(report.cpu.features),
-        "calibration": report.calibration,
-        "excluded_nodes": report.excluded_nodes,
-        "top1_agreement": report.agreement.top1,
-    }
+def publish_outputs(work: Path, source: Source, report: QuantReport) -> None:
+    """Move the outputs from ``work`` into the export folder: renames, signals held back."""
+    folder = source.folder
+    names = [f"{INT8_FILE}.data", INT8_FILE, REPORT_FILE, MANIFEST_FILE]
+    with signals_deferred():
+        for name in names:
+            if (work / name).exists():
+                (work / name).replace(folder / name)
+        if f"{INT8_FILE}.data" not in report.files:
+            (folder / f"{INT8_FILE}.data").unlink(missing_ok=True)
 
 
 def _file_bytes(path: Path) -> int:

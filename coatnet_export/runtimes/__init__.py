@@ -1,9 +1,9 @@
 """Runtimes that run an exported model: one small interface, one module per runtime.
 
-``load_model(path, runtime="onnxruntime", threads=2)`` returns a :class:`LoadedModel` whose
+``load_model(path, runtime, RunOptions(threads=2))`` returns a :class:`LoadedModel` whose
 ``run(batch)`` gives the logits. validate, bench, the quantize report and predict all run
 models through it, so every runtime meets the same parity gates. Optional runtimes import
-their library only when asked for.
+their library only when asked for: OpenVINO (``pip install 'coatnet-export[openvino]'``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 
 from coatnet_export.errors import InputError
 
-RUNTIMES = ("onnxruntime",)
+RUNTIMES = ("onnxruntime", "openvino")
 """Runtime names accepted by ``--runtime``."""
 
 
@@ -29,9 +29,10 @@ class RunOptions:
     spinning: bool = True
     """Let idle worker threads spin (off for fair interleaved timing)."""
     low_memory: bool = False
-    """Hold the weights once: no pre-packing, no arena (large models)."""
+    """Hold the weights once: no pre-packing, no arena (large models; onnxruntime only)."""
     precision: str = "f32"
-    """Inference precision where a runtime may choose (OpenVINO: f32 or bf16)."""
+    """Inference precision where a runtime may choose (OpenVINO: f32 or bf16; onnxruntime
+    runs the model's own types and takes only f32)."""
 
 
 class LoadedModel(Protocol):
@@ -44,13 +45,32 @@ class LoadedModel(Protocol):
     def run(self, batch: np.ndarray) -> np.ndarray: ...
 
 
+def check_runtime(runtime: str, precision: str = "f32") -> None:
+    """Fail early, before any heavy work, when ``runtime`` is unknown or not installed, or
+    cannot run in ``precision``."""
+    if runtime not in RUNTIMES:
+        raise InputError(f"unknown runtime {runtime!r} (choose one of {', '.join(RUNTIMES)})")
+    if runtime == "onnxruntime" and precision != "f32":
+        raise InputError(
+            f"onnxruntime runs a model in its own precision: --precision {precision} needs "
+            "--runtime openvino"
+        )
+    if runtime == "openvino":
+        from coatnet_export.runtimes.openvino import import_openvino
+
+        import_openvino()
+
+
 def load_model(
     path: Path, runtime: str = "onnxruntime", options: RunOptions | None = None
 ) -> LoadedModel:
     """Load ``path`` into the named runtime."""
     options = options or RunOptions()
-    if runtime == "onnxruntime":
-        from coatnet_export.runtimes.onnxruntime import OrtModel
+    check_runtime(runtime, options.precision)
+    if runtime == "openvino":
+        from coatnet_export.runtimes.openvino import OpenVinoModel
 
-        return OrtModel(path, options)
-    raise InputError(f"unknown runtime {runtime!r} (choose one of {', '.join(RUNTIMES)})")
+        return OpenVinoModel(path, options)
+    from coatnet_export.runtimes.onnxruntime import OrtModel
+
+    return OrtModel(path, options)

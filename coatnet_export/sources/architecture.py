@@ -36,9 +36,22 @@ def _block_type(state_dict: StateDict, stage: str) -> str:
     )
 
 
+def dim(state_dict: StateDict, key: str, axis: int) -> int:
+    """Size of ``axis`` of a checkpoint tensor; an InputError if the key or the axis is missing."""
+    if key not in state_dict:
+        raise InputError(f"checkpoint has no {key}: is this a CoAtNet checkpoint?")
+    shape = tuple(state_dict[key].shape)
+    if len(shape) <= axis:
+        raise InputError(
+            f"checkpoint tensor {key} has shape {shape}, but a CoAtNet's has at least "
+            f"{axis + 1} dimension(s)"
+        )
+    return int(shape[axis])
+
+
 def _width(state_dict: StateDict, stage: str, block_type: str) -> int:
     key = f"{stage}.0.conv.fn.8.weight" if block_type == "C" else f"{stage}.0.ff.1.fn.ff.3.weight"
-    return int(state_dict[key].shape[0])
+    return dim(state_dict, key, 0)
 
 
 def infer_architecture(state_dict: StateDict) -> VariantSpec:
@@ -54,7 +67,7 @@ def infer_architecture(state_dict: StateDict) -> VariantSpec:
         )
     tandem = None
     num_blocks = [_depth(state_dict, "s0")]
-    channels = [int(state_dict["s0.0.0.weight"].shape[0])]
+    channels = [dim(state_dict, "s0.0.0.weight", 0)]
     block_types = []
     for stage in ("s1", "s2", "s3", "s4"):
         if stage == "s3" and _depth(state_dict, "s3_tandem.0"):
@@ -75,8 +88,8 @@ def infer_architecture(state_dict: StateDict) -> VariantSpec:
         num_blocks.append(depth)
         channels.append(_width(state_dict, stage, block_type))
         block_types.append(block_type)
-    tables = [v for k, v in state_dict.items() if k.endswith("relative_bias_table")]
-    num_heads = int(tables[0].shape[1]) if tables else 32
+    tables = [k for k in state_dict if k.endswith("relative_bias_table")]
+    num_heads = dim(state_dict, tables[0], 1) if tables else 32
     spec = VariantSpec(
         CUSTOM_NAME, tuple(num_blocks), tuple(channels), num_heads, tandem, tuple(block_types)
     )

@@ -53,8 +53,11 @@ def read_checkpoint(path: Path, fmt: CheckpointFormat = "auto") -> Checkpoint:
     if path.suffix == ".lcd":
         if not path.is_file():
             raise InputError(f"checkpoint {path} does not exist")
-        return Checkpoint(to_tensors(read_lcd(path)), "lucid", path)
+        state_dict = to_tensors(read_lcd(path))
+        check_tensors(state_dict, path)
+        return Checkpoint(state_dict, "lucid", path)
     state_dict = read_torch_state_dict(path)
+    check_tensors(state_dict, path)
     if fmt == "auto":
         fmt = "lucid" if looks_like_lucid(state_dict) else "torch"
     return Checkpoint(state_dict, fmt, path)
@@ -103,6 +106,12 @@ def _as_state_dict(loaded: object, path: Path) -> StateDict:
             f"checkpoint {path} is not a state dict (expected a mapping of parameter "
             f"names to tensors, got {type(loaded).__name__})"
         )
+    not_strings = [repr(k) for k in loaded if not isinstance(k, str)]
+    if not_strings:
+        raise InputError(
+            f"checkpoint {path} is not a state dict: its keys {_names(not_strings)} are not "
+            "strings (parameter names)"
+        )
     not_tensors = [k for k, v in loaded.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise InputError(
@@ -111,6 +120,33 @@ def _as_state_dict(loaded: object, path: Path) -> StateDict:
     prefix = "module." if all(k.startswith("module.") for k in loaded) else ""
     # chinhsuanwu/coatnet-pytorch names the feed-forward Sequential "net" where lucid says "ff"
     return {k[len(prefix) :].replace(".fn.net.", ".fn.ff."): v for k, v in loaded.items()}
+
+
+def check_tensors(state_dict: StateDict, path: Path) -> None:
+    """Refuse tensors no model can use: without data (meta), sparse, of a non-float dtype
+    where weights belong (derived index keys may be integers), or holding NaN or Inf."""
+    problems: list[str] = []
+    for key, tensor in state_dict.items():
+        if tensor.is_meta:
+            problems.append(f"{key} is a meta tensor (it holds no data)")
+        elif tensor.layout != torch.strided:
+            problems.append(f"{key} is a {tensor.layout} tensor (save dense tensors)")
+        elif key.endswith(DERIVED_KEYS):
+            continue
+        elif not tensor.is_floating_point():
+            problems.append(
+                f"{key} has dtype {str(tensor.dtype).removeprefix('torch.')}, not float"
+            )
+        elif not bool(torch.isfinite(tensor).all()):
+            problems.append(f"{key} holds NaN or infinite values")
+        if len(problems) > 3:
+            break
+    if problems:
+        raise InputError(
+            f"checkpoint {path} holds unusable tensors: {'; '.join(problems[:3])}"
+            + (" (and more)" if len(problems) > 3 else "")
+            + " (save the trained float weights)"
+        )
 
 
 def _names(keys: list[str], limit: int = 4) -> str:
@@ -131,9 +167,9 @@ def trained_img_size(state_dict: StateDict) -> tuple[int, int] | None:
     tables = {
         key: (state_dict[key].shape[0], _stage_stride(key))
         for key in state_dict
-        if _is_bias_table(key)
+        if _is_bias_table(key) and state_dict[key].ndim == 2 and _stage_stride(key)
     }
-    if not tables:
+    if not tables or len(tables) != sum(1 for key in state_dict if _is_bias_table(key)):
         return None
     sizes = range(32, 2049, 32)
     squares_first = [(h, h) for h in sizes] + [(h, w) for h in sizes for w in sizes if h != w]
@@ -145,9 +181,14 @@ def trained_img_size(state_dict: StateDict) -> tuple[int, int] | None:
     return None
 
 
-def _stage_stride(key: str) -> int:
+def _stage_stride(key: str) -> int | None:
+    """The stride of the stage a key belongs to (``s3.1.…`` -> 16), None if it names none."""
     stage = key.split(".", 1)[0]
-    return STAGE_STRIDES[3] if stage == "s3_tandem" else STAGE_STRIDES[int(stage[1:])]
+    if stage == "s3_tandem":
+        return STAGE_STRIDES[3]
+    if len(stage) == 2 and stage[0] == "s" and stage[1] in "01234":
+        return STAGE_STRIDES[int(stage[1])]
+    return None
 
 
 def resize_bias_table(
@@ -160,6 +201,28 @@ def resize_bias_table(
     return resized.reshape(heads, -1).T.contiguous().to(table.dtype)
 
 
+def _check_fit(tensors: StateDict, expected: dict[str, torch.Size], wrong: list[str]) -> None:
+    """Name every missing, unexpected and wrongly shaped key (expected vs found)."""
+    missing = [k for k in expected if k not in tensors and not k.endswith(DERIVED_KEYS)]
+    unexpected = [k for k in tensors if k not in expected]
+    parts = []
+    if wrong:
+        described = [f"{k} {tuple(tensors[k].shape)} != {tuple(expected[k])}" for k in wrong]
+        parts.append(
+            f"{len(wrong)} wrongly shaped key(s), checkpoint != model: {_names(described, 3)}"
+        )
+    if missing:
+        parts.append(f"missing {len(missing)} key(s): {_names(missing)}")
+    if unexpected:
+        parts.append(f"unexpected {len(unexpected)} key(s): {_names(unexpected)}")
+    if parts:
+        raise InputError(
+            "checkpoint does not fit the model: "
+            + "; ".join(parts)
+            + " (check --variant, --img-size, --num-classes and --in-channels)"
+        )
+
+
 def fit_state_dict(state_dict: StateDict, model: CoAtNet) -> tuple[StateDict, list[str]]:
     """Check a state dict against a model and adapt it; returns (tensors, warnings).
 
@@ -169,40 +232,21 @@ def fit_state_dict(state_dict: StateDict, model: CoAtNet) -> tuple[StateDict, li
     """
     expected = {k: v.shape for k, v in model.state_dict().items()}
     tensors = {k: v for k, v in state_dict.items() if not k.endswith(DERIVED_KEYS)}
-    missing = [k for k in expected if k not in tensors and not k.endswith(DERIVED_KEYS)]
-    unexpected = [k for k in tensors if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s): {_names(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s): {_names(unexpected)}")
-        raise InputError(
-            "checkpoint does not fit the model: "
-            + "; ".join(parts)
-            + " (check --variant, or the architecture options)"
-        )
     warnings = []
-    wrong = [k for k in tensors if tensors[k].shape != expected[k]]
+    wrong = [k for k in tensors if k in expected and tensors[k].shape != expected[k]]
     wrong_tables = [k for k in wrong if _is_bias_table(k)]
-    if wrong_tables:
-        source = trained_img_size(tensors)
-        if source is not None and len(wrong_tables) == len(wrong):
-            for key in wrong_tables:
-                stride = _stage_stride(key)
-                src = (2 * (source[0] // stride) - 1, 2 * (source[1] // stride) - 1)
-                dst = (2 * (model.img_size[0] // stride) - 1, 2 * (model.img_size[1] // stride) - 1)
-                tensors[key] = resize_bias_table(tensors[key], src, dst)
-            warnings.append(
-                f"checkpoint bias tables were trained at {source[0]}x{source[1]}; resized "
-                f"{len(wrong_tables)} table(s) to {model.img_size[0]}x{model.img_size[1]} "
-                "(bicubic): accuracy may change, fine-tune at the new size if it matters"
-            )
-            wrong = []
-    if wrong:
-        described = [f"{k} {tuple(tensors[k].shape)} != {tuple(expected[k])}" for k in wrong]
-        raise InputError(
-            f"checkpoint does not fit the model: {len(wrong)} wrongly shaped "
-            f"key(s): {_names(described, 3)} (checkpoint vs model)"
+    source = trained_img_size(tensors) if wrong_tables and len(wrong_tables) == len(wrong) else None
+    if source is not None:
+        for key in wrong_tables:
+            stride = _stage_stride(key)
+            src = (2 * (source[0] // stride) - 1, 2 * (source[1] // stride) - 1)
+            dst = (2 * (model.img_size[0] // stride) - 1, 2 * (model.img_size[1] // stride) - 1)
+            tensors[key] = resize_bias_table(tensors[key], src, dst)
+        warnings.append(
+            f"checkpoint bias tables were trained at {source[0]}x{source[1]}; resized "
+            f"{len(wrong_tables)} table(s) to {model.img_size[0]}x{model.img_size[1]} "
+            "(bicubic): accuracy may change, fine-tune at the new size if it matters"
         )
+        wrong = []
+    _check_fit(tensors, expected, wrong)
     return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, warnings

@@ -112,6 +112,10 @@ def convert_lucid_state_dict(state_dict: StateDict, trained_size: tuple[int, int
         if key.endswith("relative_index"):
             continue
         if key.endswith("relative_bias_table"):
+            if tensor.ndim != 2:
+                raise InputError(
+                    f"{key} has shape {tuple(tensor.shape)}, not (rows, heads) of a bias table"
+                )
             rows, heads = tensor.shape
             side = round(rows**0.5)
             if side * side != rows:

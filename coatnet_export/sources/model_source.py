@@ -8,7 +8,11 @@ from dataclasses import dataclass, field
 import torch
 
 from coatnet_export.errors import InputError
-from coatnet_export.sources.architecture import architecture_mismatches, infer_architecture
+from coatnet_export.sources.architecture import (
+    architecture_mismatches,
+    dim,
+    infer_architecture,
+)
 from coatnet_export.sources.checkpoint import (
     Checkpoint,
     StateDict,
@@ -83,11 +87,12 @@ def plan_model(
     state_dict = checkpoint.state_dict
     try:
         found = infer_architecture(state_dict)
-    except (InputError, KeyError):
+    except (InputError, KeyError) as exc:
         if architecture is None:
+            reason = str(exc) if isinstance(exc, InputError) else f"it has no key {exc}"
             raise InputError(
-                f"cannot read a CoAtNet architecture from {checkpoint.path}: its "
-                "keys are not lucid's; pass --variant"
+                f"cannot read a CoAtNet architecture from {checkpoint.path}: {reason} "
+                "(pass --variant if it is one)"
             ) from None
         found = architecture  # the key-by-key check while loading names what is wrong
     if architecture is not None:
@@ -101,12 +106,12 @@ def plan_model(
     if checkpoint.format == "lucid":
         state_dict = convert_lucid_state_dict(state_dict, trained or img_size or (224, 224))
         numerics = Numerics.lucid()
-    stem, head = state_dict.get("s0.0.0.weight"), state_dict.get("fc.weight")
+    has_stem, has_head = "s0.0.0.weight" in state_dict, "fc.weight" in state_dict
     spec = ModelSpec(
         architecture or found,
         img_size or trained or (224, 224),
-        in_channels or (3 if stem is None else int(stem.shape[1])),
-        num_classes or (1000 if head is None else int(head.shape[0])),
+        in_channels or (dim(state_dict, "s0.0.0.weight", 1) if has_stem else 3),
+        num_classes or (dim(state_dict, "fc.weight", 0) if has_head else 1000),
         numerics,
     )
     return spec, state_dict

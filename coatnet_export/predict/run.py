@@ -1,0 +1,130 @@
+"""``predict``: check the request, open the output, run an engine, summarise."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from coatnet_export.errors import InputError
+
+if TYPE_CHECKING:
+    from coatnet_export.predict.common import Meter, ModelSpec
+    from coatnet_export.predict.parquet import PredictionWriter
+
+ENGINES = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """A predict request, as the command line gives it."""
+
+    export: Path
+    inputs: tuple[str, ...]
+    output: Path
+    engine: str = "local"
+    workers: int | None = None
+    threads: int = 1
+    batch_size: int = 8
+    top_k: int = 5
+    model: str = "fp32"
+    resume: bool = False
+    force: bool = False
+    address: str | None = None
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_workers(engine: str, threads: int) -> int:
+    """local: every core busy; ray: one core left for reading and decoding."""
+    spare = 1 if engine == "ray" else 0
+    return max(1, (cpu_count() - spare) // threads)
+
+
+def _require(module: str, extra: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise InputError(
+            f"this needs {module}, which is not installed "
+            f"(pip install -c constraints.txt -e '.[{extra}]')"
+        )
+
+
+def _check(options: PredictOptions) -> None:
+    from coatnet_export.predict.common import check_inputs
+    from coatnet_export.predict.parquet import check_output
+
+    if options.engine not in ENGINES:
+        raise InputError(f"unknown engine {options.engine!r} (choose local or ray)")
+    _require("pyarrow", "predict")
+    if options.engine == "ray":
+        _require("ray", "ray")
+    elif options.address:
+        raise InputError("--address is for --engine ray")
+    check_output(options.output, options.resume, options.force)
+    check_inputs(options.inputs, allow_uris=options.engine == "ray")
+
+
+def _not_done(paths: Iterator[str], done: set[str], counts: dict[str, int]) -> Iterator[str]:
+    for path in paths:
+        if path in done:
+            counts["skipped"] += 1
+        else:
+            yield path
+
+
+def run_predict(options: PredictOptions) -> dict:
+    """Classify every input image into ``options.output``; the run's summary."""
+    from coatnet_export.predict.common import Meter, iter_images, load_spec
+    from coatnet_export.predict.parquet import prediction_file
+
+    _check(options)
+    spec = load_spec(options.export, options.model, options.top_k)
+    workers = options.workers or default_workers(options.engine, options.threads)
+    counts = {"skipped": 0}
+    started = time.perf_counter()
+    with prediction_file(options.output, spec.sha256, options.resume) as (writer, done):
+        pending = _not_done(iter_images(options.inputs), done, counts)
+        meter = Meter(options.engine, workers, options.threads)
+        if options.engine == "local":
+            from coatnet_export.predict.local import run_local
+
+            run_local(spec, pending, writer, meter, options.batch_size)
+        else:
+            _run_on_ray(spec, list(pending), writer, meter, options)
+        if meter.images + counts["skipped"] == 0:
+            raise InputError("the inputs hold no image files (" + ", ".join(options.inputs) + ")")
+    summary = meter.summary()
+    summary["resumed"] = counts["skipped"]
+    summary["total_s"] = time.perf_counter() - started
+    summary["output"] = str(options.output)
+    return summary
+
+
+def _run_on_ray(
+    spec: ModelSpec,
+    paths: list[str],
+    writer: PredictionWriter,
+    meter: Meter,
+    options: PredictOptions,
+) -> None:
+    """Start (or join) Ray, classify ``paths`` on it, and shut down a Ray this run started."""
+    from coatnet_export.predict.ray_data import run_ray, start_ray
+
+    if not paths:
+        return
+    started = start_ray(options.address, meter.workers * meter.threads + 1)
+    try:
+        meter.restart()
+        run_ray(spec, paths, writer, meter, options.batch_size)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()

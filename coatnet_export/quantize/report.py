@@ -1,0 +1,170 @@
+"""What a quantization did and measured: quantization.json, the model's metadata, the table."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+from coatnet_export.quantize.evaluate import Agreement, Gate
+from coatnet_export.quantize.graph import DEFAULT_RECIPE, DYNAMIC_OPS
+from coatnet_export.quantize.presets import QuantChoice
+
+if TYPE_CHECKING:
+    from coatnet_export.quantize.calibrate import SessionPlan
+    from coatnet_export.quantize.pipeline import Attempt, Data, QuantOptions
+
+
+@dataclass
+class QuantReport:
+    """Everything quantization.json records."""
+
+    mode: str
+    quantized_ops: list[str]
+    """The recipe's op types (static) or those of dynamic quantization."""
+    choice: QuantChoice
+    calibration: str
+    calibration_method: str | None
+    gate: dict
+    """metric, threshold, reason, value."""
+    excluded_nodes: list[str]
+    fallback_steps: list[list[str]]
+    agreement: Agreement
+    agreement_before_fallback: Agreement | None
+    latency_ms: dict[str, float]
+    """Median batch-1 ms of fp32, int8 and, after a fallback, int8 before it."""
+    speedup: float
+    speedup_before_fallback: float | None
+    lowest_sqnr: list[dict[str, float | str]]
+    compact_bias_bytes: int
+    low_memory_sessions: bool
+    passed: bool
+    sizes: dict[str, int] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    runtime: str = "onnxruntime"
+    """Where the agreement and the latency were measured."""
+
+    @classmethod
+    def build(
+        cls,
+        opts: QuantOptions,
+        choice: QuantChoice,
+        gate: Gate,
+        data: Data,
+        final: Attempt,
+        first: Attempt,
+        steps: list[list[str]],
+        timings: dict[str, float],
+        worst: list[tuple[str, float]],
+        compact: int,
+        plan: SessionPlan,
+    ) -> QuantReport:
+        speedup = timings["fp32"] / timings["int8"]
+        before = timings.get("int8 before fallback")
+        notes = list(data.notes)
+        if before is not None and timings["int8"] > before:
+            notes.append(
+                f"the fallback made the int8 model slower: x{speedup:.2f} over fp32 after it, "
+                f"x{timings['fp32'] / before:.2f} before (its float nodes need extra "
+                "quantize/dequantize steps)"
+            )
+        if plan.low_memory:
+            notes.append(
+                "large model: timed in low-memory sessions (no weight pre-packing), slower "
+                "than deployment with default sessions"
+            )
+        static = opts.mode == "static"
+        return cls(
+            mode=opts.mode,
+            quantized_ops=list(DEFAULT_RECIPE.op_types if static else DYNAMIC_OPS),
+            choice=choice,
+            calibration=data.calibration_source,
+            calibration_method=opts.method if static else None,
+            gate={
+                "metric": gate.metric,
+                "threshold": gate.threshold,
+                "reason": gate.reason,
+                "value": gate.value(final.result),
+            },
+            excluded_nodes=final.excluded,
+            fallback_steps=steps,
+            agreement=final.result,
+            agreement_before_fallback=first.result if steps else None,
+            latency_ms=timings,
+            speedup=speedup,
+            speedup_before_fallback=timings["fp32"] / before if before else None,
+            lowest_sqnr=[{"tensor": t, "sqnr_db": s} for t, s in worst],
+            compact_bias_bytes=compact,
+            low_memory_sessions=plan.low_memory,
+            passed=gate.passed(final.result),
+            notes=notes,
+            runtime=plan.runtime,
+        )
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def summary_rows(self) -> list[dict[str, object]]:
+        """The metric/value table ``coatnet-export quantize`` prints."""
+        a = self.agreement
+        rows = [
+            ("target CPU", self.choice.target_cpu),
+            (
+                "types",
+                f"{self.choice.activation_type} x {self.choice.weight_type}, reduce_range "
+                f"{self.choice.reduce_range}",
+            ),
+            ("gate", f"{self.gate['metric']} >= {self.gate['threshold']}"),
+            ("measured in", self.runtime),
+            ("top-1 agreement", a.top1),
+            ("top-5 agreement", a.top5),
+            ("min / mean cosine", f"{a.min_cosine:.5f} / {a.mean_cosine:.5f}"),
+            ("logits SQNR (dB)", f"{a.logits_sqnr_db:.1f}"),
+            ("max abs error", a.max_abs),
+            ("fp32 accuracy", a.fp32_accuracy),
+            ("int8 accuracy", a.int8_accuracy),
+            (
+                "fp32 / int8 size (MiB)",
+                f"{self.sizes['fp32'] / 2**20:.1f} / {self.sizes['int8'] / 2**20:.1f} "
+                f"({100 * self.sizes['int8'] / self.sizes['fp32']:.1f} %)",
+            ),
+            (
+                "fp32 / int8 p50 latency (ms)",
+                f"{self.latency_ms['fp32']:.2f} / {self.latency_ms['int8']:.2f} "
+                f"(x{self.speedup:.2f})",
+            ),
+        ]
+        if self.speedup_before_fallback is not None:
+            rows.append(
+                (
+                    "int8 before fallback (ms)",
+                    f"{self.latency_ms['int8 before fallback']:.2f} "
+                    f"(x{self.speedup_before_fallback:.2f})",
+                )
+            )
+        rows += [
+            ("nodes kept in float", len(self.excluded_nodes)),
+            ("fallback steps", len(self.fallback_steps)),
+        ]
+        return [{"metric": k, "value": v} for k, v in rows if v is not None]
+
+
+def metadata_quantization(report: QuantReport) -> dict:
+    """The summary of a quantization recorded in the int8 model and the manifest: what
+    ``info`` and scripts/infer.py compare with the CPU they run on."""
+    return {
+        "mode": report.mode,
+        "quantized_ops": report.quantized_ops,
+        "target_cpu": report.choice.target_cpu,
+        "activation_type": report.choice.activation_type,
+        "weight_type": report.choice.weight_type,
+        "reduce_range": report.choice.reduce_range,
+        "reason": report.choice.reason,
+        "detected_cpu": report.choice.detected,
+        "overrides": report.choice.overrides,
+        "calibration": report.calibration,
+        "excluded_nodes": report.excluded_nodes,
+        "gate": report.gate,
+        "top1_agreement": report.agreement.top1,
+        "min_cosine": report.agreement.min_cosine,
+    }

@@ -1,0 +1,107 @@
+"""Deployment targets: ``coatnet-export package DIR --target NAME`` turns an export into them.
+
+Each target is a :class:`Target` in :data:`TARGETS`; its ``build`` takes a
+:class:`PackageRequest` and returns a :class:`PackageResult`. A target's module is imported only
+when it runs, so a target's optional tools cost nothing to the others. Targets that add files to
+the export folder itself (e2e, ort) record them with
+:func:`coatnet_export.metadata.record_artefacts`; targets that make a new folder (web, triton)
+write it to ``request.output`` through :mod:`coatnet_export.output`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coatnet_export.errors import InputError
+from coatnet_export.metadata import ExportMetadata
+
+MODEL_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclass(frozen=True)
+class PackageRequest:
+    """What ``coatnet-export package`` was asked to do."""
+
+    export_dir: Path
+    output: Path | None = None
+    """The new folder of a target that makes one (web, triton); None for e2e and ort."""
+    force: bool = False
+    """Replace what the target would otherwise refuse to overwrite."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """The target's own command-line options, by parameter name."""
+
+
+@dataclass
+class PackageResult:
+    """What a target wrote: files, a table of rows to print, and notes."""
+
+    files: list[Path] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One deployment target of the package command."""
+
+    name: str
+    summary: str
+    build: Callable[[PackageRequest], PackageResult]
+
+
+def lazy(module: str, function: str = "build") -> Callable[[PackageRequest], PackageResult]:
+    """A build function that imports ``module`` only when it is called."""
+
+    def build(request: PackageRequest) -> PackageResult:
+        return getattr(importlib.import_module(module), function)(request)
+
+    return build
+
+
+def export_metadata(export_dir: Path) -> ExportMetadata:
+    """The metadata of the export in ``export_dir``; InputError if it holds no export."""
+    from coatnet_export.inspect import load_proto, metadata_of
+
+    model = export_dir / MODEL_FILE
+    if not export_dir.is_dir() or not model.is_file():
+        raise InputError(
+            f"{export_dir} holds no export (no {MODEL_FILE}; give a folder written by "
+            "`coatnet-export --variant ...`)"
+        )
+    metadata = metadata_of(load_proto(model))
+    if metadata is None:
+        raise InputError(
+            f"{model} has no coatnet-export metadata (package only folders written by "
+            "coatnet-export)"
+        )
+    return metadata
+
+
+TARGETS: dict[str, Target] = {
+    "e2e": Target(
+        "e2e",
+        "preprocessing in the graph: uint8 RGB image [1, H, W, 3] in, logits out",
+        lazy("coatnet_export.targets.e2e"),
+    ),
+    "ort": Target(
+        "ort",
+        "ORT format (.ort) for onnxruntime mobile, with the reduced-build operator config",
+        lazy("coatnet_export.targets.ort"),
+    ),
+    "web": Target(
+        "web",
+        "a static site that classifies images in the browser (onnxruntime-web, e2e model)",
+        lazy("coatnet_export.targets.web"),
+    ),
+    "triton": Target(
+        "triton",
+        "a Triton Inference Server model repository (onnxruntime backend, CPU instances)",
+        lazy("coatnet_export.targets.triton"),
+    ),
+}
