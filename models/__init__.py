@@ -1,8 +1,17 @@
-"""PyTorch reference CoAtNet: the model, its eight named variants and weight initialisation."""
+"""PyTorch reference CoAtNet: the model, its eight named variants and weight initialisation.
 
-from models.coatnet import DIM_HEAD, CoAtNet, ConfigError, Numerics, RelativeAttention, Tandem
-from models.init import init_weights, materialize, refresh_derived_buffers
-from models.profile import count_macs, count_parameters
+The configuration, the variant registry and the cost arithmetic are plain Python and load at
+once; the names that need torch (the model, initialisation, the flop counter) load it on first
+use (PEP 562), so that ``from models import get_variant`` stays instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from models.config import DIM_HEAD, ConfigError, Numerics, Tandem
+from models.cost import Cost, variant_cost
 from models.variants import (
     VARIANTS,
     UnknownVariantError,
@@ -20,11 +29,37 @@ from models.variants import (
     variant_names,
 )
 
+if TYPE_CHECKING:
+    from models.coatnet import CoAtNet, RelativeAttention
+    from models.init import init_weights, materialize, refresh_derived_buffers
+    from models.profile import count_macs, count_parameters
+
+_NEEDS_TORCH = {
+    "CoAtNet": "models.coatnet",
+    "RelativeAttention": "models.coatnet",
+    "init_weights": "models.init",
+    "materialize": "models.init",
+    "refresh_derived_buffers": "models.init",
+    "count_macs": "models.profile",
+    "count_parameters": "models.profile",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _NEEDS_TORCH.get(name)
+    if module is None:
+        raise AttributeError(f"module 'models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
 __all__ = [
     "DIM_HEAD",
     "VARIANTS",
     "CoAtNet",
     "ConfigError",
+    "Cost",
     "Numerics",
     "RelativeAttention",
     "Tandem",
@@ -45,5 +80,6 @@ __all__ = [
     "init_weights",
     "materialize",
     "refresh_derived_buffers",
+    "variant_cost",
     "variant_names",
 ]

@@ -1,13 +1,20 @@
-"""The eight CoAtNet variants of lucid's model zoo, a registry that finds them, and factories."""
+"""The eight CoAtNet variants of lucid's model zoo, a registry that finds them, and factories.
+
+The registry is plain Python; torch loads only when a model is built.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+from models.config import ConfigError, Numerics, Tandem
 
-from models.coatnet import CoAtNet, ConfigError, Numerics, Tandem
+if TYPE_CHECKING:
+    import torch
+
+    from models.coatnet import CoAtNet
 
 
 class UnknownVariantError(ConfigError):
@@ -36,6 +43,10 @@ class VariantSpec:
         device: str | torch.device | None = None,
     ) -> CoAtNet:
         """This architecture at a resolution. ``device="meta"`` allocates no weights."""
+        import torch
+
+        from models.coatnet import CoAtNet
+
         with torch.device(device or "cpu"):
             return CoAtNet(
                 img_size,

@@ -1,17 +1,31 @@
 """Benchmark the export: latency against a plain export and eager PyTorch, export time, memory.
 
     python scripts/bench_export.py                      # latency + coatnet_1 export time
-    python scripts/bench_export.py --variants all       # + peak RSS / wall time of every variant
+    python scripts/bench_export.py --skip-latency --variants coatnet_3,coatnet_4
+                                                        # peak RSS of the mid-size exports
+    python scripts/bench_export.py --skip-latency --repeat 3 --steps
+                                                        # coatnet_1 export time, step by step
+    python scripts/bench_export.py --skip-latency --variants all
 
 Latency: coatnet_0 (seeded), batch 1, --threads threads, measured interleaved in one run:
-our export, a plain default `torch.onnx.export` of the same unmodified model, and PyTorch
-eager; with the model's achieved GFLOP/s and a 2048^2 fp32 matmul's as the machine's peak.
+our export with fused attention (ONNX Attention) and with matmul attention, a plain default
+`torch.onnx.export` of the same unmodified model, and PyTorch eager; with the model's
+achieved GFLOP/s and a 2048^2 fp32 matmul's as the machine's peak.
+
+Export runs: `coatnet-export --variant NAME` in a child process (--export-args adds options),
+its wall time, its peak RSS against the weights and the memory target (1.5 x weights + 1 GiB),
+and with --steps the time of each step as the command's progress lines print it. With
+--repeat N each variant is exported N times; the table shows the median wall time and the
+largest peak.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import shlex
+import statistics
 import sys
 import tempfile
 import warnings
@@ -29,19 +43,41 @@ from coatnet_export.bench import (
 from coatnet_export.console import Progress, render_table
 from coatnet_export.export.pipeline import ExportOptions, run_export
 from coatnet_export.runtimes.onnxruntime import make_session
-from models import build_variant, count_macs, get_variant, init_weights, materialize, variant_names
+from models import (
+    build_variant,
+    get_variant,
+    init_weights,
+    materialize,
+    variant_cost,
+    variant_names,
+)
+
+STEP_LINE = re.compile(r"^\[(\d+)/\d+\] (.+?) \.\.\. ([\d.]+) s$", re.MULTILINE)
+"""A progress line of the export command: ``[4/6] exporting ... 6.2 s``."""
+MEMORY_TARGET = (1.5, 1.0)
+"""Peak RSS target of an export: 1.5 x the weights + 1 GiB."""
 
 
 def seeded(name: str) -> torch.nn.Module:
     return init_weights(materialize(build_variant(name, device="meta")), 0).eval()
 
 
-def latency(workdir: Path, threads: int, runs: int) -> tuple[list[dict], dict]:
-    torch.set_num_threads(threads)
-    ours = run_export(
-        ExportOptions(architecture=get_variant("coatnet_0"), output=workdir / "ours", samples=1),
+def export_ours(workdir: Path, attention: str) -> Path:
+    outcome = run_export(
+        ExportOptions(
+            architecture=get_variant("coatnet_0"),
+            output=workdir / f"ours-{attention}",
+            samples=1,
+            attention=attention,
+        ),
         Progress(6, enabled=False),
     )
+    return outcome.directory / "model.onnx"
+
+
+def latency(workdir: Path, threads: int, runs: int) -> tuple[list[dict], dict]:
+    torch.set_num_threads(threads)
+    ours = {attention: export_ours(workdir, attention) for attention in ("fused", "matmul")}
     plain_path = workdir / "plain" / "model.onnx"
     plain_path.parent.mkdir()
     model = seeded("coatnet_0")
@@ -49,14 +85,13 @@ def latency(workdir: Path, threads: int, runs: int) -> tuple[list[dict], dict]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (x,), str(plain_path))  # the plain default call
-    macs = count_macs(build_variant("coatnet_0", device="meta"))
+    macs = variant_cost(get_variant("coatnet_0")).macs
     feed = x.numpy()
     sessions = {
-        "onnx (coatnet-export)": make_session(
-            ours.directory / "model.onnx", threads, spinning=False
-        ),
-        "onnx (plain torch.onnx.export)": make_session(plain_path, threads, spinning=False),
+        f"onnx (coatnet-export, {attention} attention)": make_session(path, threads, False)
+        for attention, path in ours.items()
     }
+    sessions["onnx (plain torch.onnx.export)"] = make_session(plain_path, threads, False)
     candidates = {
         name: (lambda s=s: s.run(None, {s.get_inputs()[0].name: feed}))
         for name, s in sessions.items()
@@ -76,45 +111,60 @@ def latency(workdir: Path, threads: int, runs: int) -> tuple[list[dict], dict]:
     peak = matmul_peak_gflops(threads)
     for row in rows:
         row["pct_of_peak"] = 100 * row["gflops_per_s"] / peak
-    return rows, {
-        "matmul_2048_gflops": peak,
-        "model_gflops": 2 * macs / 1e9,
-        "ours_nodes": ours.graph.nodes,
-    }
+    return rows, {"matmul_2048_gflops": peak, "model_gflops": 2 * macs / 1e9}
 
 
-def export_runs(names: list[str], workdir: Path) -> list[dict]:
+def export_once(name: str, out: Path, extra: list[str]) -> tuple[float, int, int, dict, str]:
+    """One export in a child process: wall s, peak RSS bytes, exit code, step times, output."""
+    argv = [sys.executable, "-m", "coatnet_export", "--variant", name, "--output", str(out)]
+    run = run_measured([*argv, "--force", *extra])
+    steps = {f"{int(k)}. {label}": float(s) for k, label, s in STEP_LINE.findall(run.output)}
+    for path in sorted(out.glob("*")) if out.exists() else []:
+        path.unlink()
+    return run.wall_s, run.peak_rss_bytes, run.returncode, steps, run.output
+
+
+def export_runs(names: list[str], workdir: Path, repeat: int, extra: list[str]) -> list[dict]:
     rows = []
     for name in names:
-        out = workdir / f"run-{name}"
-        argv = [
-            sys.executable,
-            "-m",
-            "coatnet_export",
-            "--variant",
-            name,
-            "--output",
-            str(out),
-            "--quiet",
-        ]
-        run = run_measured(argv)
-        model = build_variant(name, device="meta")
-        weight_bytes = sum(p.numel() * 4 for p in model.parameters())
+        walls, peaks, codes, all_steps = [], [], [], []
+        for _ in range(repeat):
+            wall, peak, code, steps, output = export_once(name, workdir / f"run-{name}", extra)
+            walls.append(wall)
+            peaks.append(peak)
+            codes.append(code)
+            all_steps.append(steps)
+            if code:
+                print(output[-2000:], file=sys.stderr)
+        weight_bytes = variant_cost(get_variant(name)).parameters * 4
+        target = MEMORY_TARGET[0] * weight_bytes + MEMORY_TARGET[1] * 2**30
         rows.append(
             {
                 "variant": name,
-                "wall_s": run.wall_s,
-                "peak_rss_gib": run.peak_rss_bytes / 2**30,
+                "wall_s": statistics.median(walls),
+                "walls_s": walls,
+                "peak_rss_gib": max(peaks) / 2**30,
                 "weights_gib": weight_bytes / 2**30,
-                "rss_over_weights": run.peak_rss_bytes / weight_bytes,
-                "exit": run.returncode,
+                "rss_over_weights": max(peaks) / weight_bytes,
+                "target_gib": target / 2**30,
+                "within_target": "yes" if max(peaks) <= target else "NO",
+                "exit": max(codes),
+                "steps_s": {
+                    step: statistics.median(s[step] for s in all_steps if step in s)
+                    for step in all_steps[0]
+                },
             }
         )
-        if run.returncode:
-            print(run.output[-2000:], file=sys.stderr)
-        for path in sorted(out.glob("*")) if out.exists() else []:
-            path.unlink()
     return rows
+
+
+def print_steps(rows: list[dict]) -> None:
+    """Median time of each progress step, one table per variant."""
+    for row in rows:
+        steps = [{"step": step, "median_s": s} for step, s in row["steps_s"].items()]
+        steps.append({"step": "whole command (wall)", "median_s": row["wall_s"]})
+        print(f"\n{row['variant']}: median of {len(row['walls_s'])} run(s)")
+        print(render_table(steps, ("step", "median_s")))
 
 
 def main() -> None:
@@ -124,12 +174,19 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default="coatnet_1",
-        help="comma-separated variants to export end to end, or 'all'",
+        help="comma-separated variants to export end to end, 'all', or 'none'",
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="exports per variant")
+    parser.add_argument("--steps", action="store_true", help="print each step's time")
+    parser.add_argument(
+        "--export-args",
+        default="",
+        help="extra options for the export command, e.g. '--attention matmul'",
     )
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--json", type=Path, help="write the results to this JSON file")
     args = parser.parse_args()
-    names = variant_names() if args.variants == "all" else args.variants.split(",")
+    names = {"all": variant_names(), "none": []}.get(args.variants, args.variants.split(","))
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_latency:
@@ -140,37 +197,40 @@ def main() -> None:
             )
             rows, machine = latency(Path(tmp), args.threads, args.runs)
             results["latency"], results["machine"] = rows, machine
-            print(
-                render_table(
-                    rows,
-                    (
-                        "name",
-                        "p50_ms",
-                        "p90_ms",
-                        "gflops_per_s",
-                        "pct_of_peak",
-                        "vs_eager",
-                        "vs_plain",
-                    ),
-                )
-            )
+            columns = ("name", "p50_ms", "p90_ms", "gflops_per_s", "pct_of_peak", "vs_eager")
+            print(render_table(rows, (*columns, "vs_plain")))
             print(
                 f"2048^2 fp32 matmul: {machine['matmul_2048_gflops']:.0f} GFLOP/s; "
                 f"coatnet_0: {machine['model_gflops']:.2f} GFLOP per image\n"
             )
-        print(
-            f"export + validation wall time and peak RSS: {', '.join(names)} ...", file=sys.stderr
-        )
-        results["exports"] = export_runs(names, Path(tmp))
-        print(
-            render_table(
-                results["exports"],
-                ("variant", "wall_s", "peak_rss_gib", "weights_gib", "rss_over_weights", "exit"),
+        if names:
+            print(
+                f"export + validation wall time and peak RSS: {', '.join(names)} "
+                f"({args.repeat} run(s) each) ...",
+                file=sys.stderr,
             )
-        )
+            extra = shlex.split(args.export_args)
+            results["exports"] = export_runs(names, Path(tmp), args.repeat, extra)
+            print(
+                render_table(
+                    results["exports"],
+                    (
+                        "variant",
+                        "wall_s",
+                        "peak_rss_gib",
+                        "weights_gib",
+                        "rss_over_weights",
+                        "target_gib",
+                        "within_target",
+                        "exit",
+                    ),
+                )
+            )
+            if args.steps:
+                print_steps(results["exports"])
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=float))
-    if any(r["exit"] for r in results["exports"]):
+    if any(r["exit"] for r in results.get("exports", [])):
         sys.exit(1)
 
 

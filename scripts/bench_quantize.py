@@ -80,13 +80,19 @@ def coatnet(*args: str) -> list[str]:
 
 
 def bench_variant(name: str, counts: list[int], work: Path, args) -> list[dict]:
-    """Export ``name`` (seeded), then quantize it once per calibration image count."""
-    export = work / name
-    print(f"exporting {name} ...", file=sys.stderr)
-    exported = run_measured(coatnet("--variant", name, "--output", str(export), "--no-validate"))
-    if exported.returncode != 0:
-        print(exported.output[-3000:], file=sys.stderr)
-        return [{"variant": name, "gate": f"export failed ({exported.returncode})"}]
+    """Export ``name`` (seeded; an export already in --exports is reused), then quantize it
+    once per calibration image count."""
+    export = (args.exports or work) / name
+    export_peak = None
+    if not (export / "model.onnx").is_file():
+        print(f"exporting {name} ...", file=sys.stderr)
+        exported = run_measured(
+            coatnet("--variant", name, "--output", str(export), "--no-validate")
+        )
+        if exported.returncode != 0:
+            print(exported.output[-3000:], file=sys.stderr)
+            return [{"variant": name, "gate": f"export failed ({exported.returncode})"}]
+        export_peak = exported.peak_rss_bytes / 2**30
     fp32_bytes = sum(p.stat().st_size for p in export.glob("model.onnx*"))
     rows = []
     for count in counts:
@@ -128,13 +134,13 @@ def bench_variant(name: str, counts: list[int], work: Path, args) -> list[dict]:
                 "top1_agreement": report["agreement"]["top1"],
                 "min_cosine": report["agreement"]["min_cosine"],
                 "speedup_b1": report["speedup"],
-                "export_peak_rss_gib": exported.peak_rss_bytes / 2**30,
+                "export_peak_rss_gib": export_peak,
                 "low_memory_sessions": report["low_memory_sessions"],
                 "notes": report["notes"],
             }
         )
         print(render_table(rows[-1:], VARIANT_COLUMNS), file=sys.stderr)
-    if not args.keep:
+    if args.exports is None:
         for path in export.glob("model*.onnx*"):
             path.unlink()
     return rows
@@ -219,7 +225,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--workdir", type=Path, help="default: a temporary folder")
-    parser.add_argument("--keep", action="store_true", help="keep the exported models")
+    parser.add_argument(
+        "--exports", type=Path, help="keep the exports here, and reuse those already there"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     counts = [int(c) for c in args.images.split(",")]

@@ -11,13 +11,24 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnx import numpy_helper
+from onnx.external_data_helper import uses_external_data
 from safetensors.torch import save_file
 
 from coatnet_export.console import Progress
+from coatnet_export.export.package import write_self_contained
 from coatnet_export.export.pipeline import ExportOptions, rejected_path, run_export
+from coatnet_export.export.transforms import (
+    TransposedLinear,
+    bake_relative_biases,
+    fold_attention_scales,
+    fold_batchnorms,
+    transpose_token_linears,
+    use_onnx_attention,
+)
 from coatnet_export.inspect import metadata_of
 from coatnet_export.validate import Gates
-from models import CoAtNet, get_variant, init_weights
+from models import CoAtNet, Numerics, get_variant, init_weights
 
 from conftest import TINY, assert_clean_failure, listing
 
@@ -94,6 +105,23 @@ def test_fused_attention_refused_where_it_cannot_be_exported(
     assert "--attention matmul" in result.err
 
 
+@pytest.mark.parametrize("numerics", [Numerics(), Numerics.lucid()])
+def test_export_transforms_keep_the_outputs(numerics: Numerics) -> None:
+    """Every rewrite before export, in the pipeline's order, computes what the model did."""
+    model = init_weights(TINY.build((64, 96), num_classes=10, numerics=numerics), 2).eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        before = model(x)
+        bake_relative_biases(model)
+        fold_batchnorms(model)
+        fold_attention_scales(model)
+        assert transpose_token_linears(model) == 4 * 3  # qkv, out, two feed-forward layers
+        assert use_onnx_attention(model) == 3
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+    qkv = model.s3[0].attn["1"].fn.to_qkv
+    assert isinstance(qkv, TransposedLinear) and qkv.weight.shape == (16, 3 * 2 * 32)
+
+
 def test_parity_gate_failure_rejects_model(tmp_path: Path) -> None:
     outcome = export_tiny(tmp_path, gates=Gates(max_rel_error=1e-12))
     assert not outcome.passed
@@ -152,6 +180,34 @@ def test_small_model_is_one_file_even_from_dynamo(tmp_path: Path) -> None:
     outcome = export_tiny(tmp_path)
     assert not outcome.graph.external_data
     assert not (outcome.directory / "model.onnx.data").exists()
+    assert sorted(p.name for p in outcome.directory.iterdir()) == [
+        "manifest.json",
+        "model.onnx",
+        "validation.json",
+    ]
+
+
+def test_streamed_single_file_equals_onnx_own_loading(tmp_path: Path) -> None:
+    """The weights streamed from the data file make the model onnx itself loads from the pair."""
+    outcome = export_tiny(tmp_path, external_data_threshold=10_000)
+    pair = outcome.directory / "model.onnx"
+    graph_only = onnx.load(str(pair), load_external_data=False)
+    single = tmp_path / "single.onnx"
+    write_self_contained(graph_only, pair.parent, single)
+    streamed, loaded = onnx.load(str(single)), onnx.load(str(pair))
+    assert [t.name for t in streamed.graph.initializer] == [
+        t.name for t in loaded.graph.initializer
+    ]
+    for a, b in zip(streamed.graph.initializer, loaded.graph.initializer, strict=True):
+        assert not uses_external_data(a) and a.dims == b.dims and a.data_type == b.data_type
+        np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
+    for model in (streamed, loaded):
+        model.graph.ClearField("initializer")
+    assert streamed == loaded  # nodes, inputs, outputs, metadata: all as they were
+    onnx.checker.check_model(str(single), full_check=True)
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 96), dtype=np.float32)
+    outputs = [ort.InferenceSession(str(p)).run(None, {"input": x})[0] for p in (single, pair)]
+    np.testing.assert_array_equal(*outputs)
 
 
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])

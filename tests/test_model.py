@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import resource
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,15 +23,19 @@ from models import (
     RelativeAttention,
     Tandem,
     UnknownVariantError,
+    VariantSpec,
     build_variant,
     count_macs,
     count_parameters,
     get_variant,
     init_weights,
     materialize,
+    variant_cost,
     variant_names,
 )
 from models.coatnet import relative_index
+
+from conftest import TINY
 
 SMALL = dict(
     in_channels=3,
@@ -57,6 +66,66 @@ def test_registry_lists_eight_variants_and_rejects_unknown() -> None:
 def test_macs_of_coatnet_0_at_224() -> None:
     macs = count_macs(build_variant("coatnet_0", device="meta"))
     assert 4.9e9 < macs < 5.0e9
+
+
+MIXED = VariantSpec(
+    "mixed", (1, 2, 1, 2, 1), (8, 12, 16, 24, 32), 2, block_types=("T", "C", "T", "C")
+)
+"""Transformer stages at 1/4 and 1/16 and MBConv stages after them: every stage kind at once."""
+
+
+def assert_cost_is_counted(spec: VariantSpec, img_size: tuple[int, int], **kwargs) -> None:
+    """The arithmetic equals the parameters of the built model and torch's flop counter."""
+    model = spec.build(img_size, device="meta", **kwargs)
+    cost = variant_cost(spec, img_size, **kwargs)
+    assert cost.parameters == count_parameters(model)
+    assert cost.macs == count_macs(model)
+
+
+@pytest.mark.parametrize(
+    ("spec", "img_size", "kwargs"),
+    [
+        (get_variant("coatnet_0"), (224, 224), {}),
+        (get_variant("coatnet_0"), (256, 160), {}),
+        (get_variant("coatnet_1"), (224, 224), {}),
+        (get_variant("coatnet_6"), (64, 96), {}),  # the tandem stage, at a small size
+        (TINY, (64, 96), {"num_classes": 10}),
+        (TINY, (96, 64), {"num_classes": 3, "in_channels": 1}),
+        (MIXED, (64, 64), {"num_classes": 5}),
+    ],
+    ids=lambda v: v.name if isinstance(v, VariantSpec) else "x".join(map(str, v)) or "default",
+)
+def test_cost_arithmetic_equals_the_model_and_the_flop_counter(
+    spec: VariantSpec, img_size: tuple[int, int], kwargs: dict
+) -> None:
+    assert_cost_is_counted(spec, img_size, **kwargs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("img_size", [(224, 224), (256, 192)])
+@pytest.mark.parametrize("name", variant_names())
+def test_cost_arithmetic_of_every_variant(name: str, img_size: tuple[int, int]) -> None:
+    assert_cost_is_counted(get_variant(name), img_size)
+
+
+def test_variants_command_computes_without_torch() -> None:
+    """`coatnet-export variants` prints the arithmetic and never imports torch or onnxruntime."""
+    code = (
+        "import atexit, sys; "
+        "atexit.register(lambda: print(sorted(m for m in ('torch', 'onnx', 'onnxruntime') "
+        "if m in sys.modules), file=sys.stderr)); "
+        "from coatnet_export.cli import main; main(['variants', '--json'])"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.strip() == "[]"
+    rows = {row["variant"]: row for row in json.loads(run.stdout)}
+    assert list(rows) == variant_names()
+    for name, spec in VARIANTS.items():
+        assert rows[name]["parameters"] == spec.lucid_parameters == variant_cost(spec).parameters
+    assert rows["coatnet_0"]["gmacs"] == round(variant_cost(VARIANTS["coatnet_0"]).macs / 1e9, 2)
 
 
 def test_coatnet_0_forward_batch_2() -> None:

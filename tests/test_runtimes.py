@@ -97,7 +97,7 @@ def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @needs_openvino
-def test_fp32_matches_onnxruntime_at_batch_1_and_3(digits, held_out) -> None:
+def test_fp32_matches_onnxruntime(digits, held_out) -> None:
     path = digits["export"] / "model.onnx"
     ours = load_model(path, "openvino", RunOptions(threads=2))
     reference = load_model(path, "onnxruntime", RunOptions(threads=2))
@@ -109,29 +109,26 @@ def test_fp32_matches_onnxruntime_at_batch_1_and_3(digits, held_out) -> None:
         assert actual.shape == expected.shape == (len(batch), 10)
         assert relative(actual, expected) < 1e-5
     assert ours.precision == "f32"  # not the bf16 OpenVINO picks by itself on bf16 CPUs
-    assert list(ours.requests) == [(3, 1, 64, 64), (1, 1, 64, 64)]  # compiled once per shape
-    low_memory = load_model(path, "openvino", RunOptions(threads=2, low_memory=True))
-    assert list(low_memory.requests) == [None]  # one dynamic-batch model, whatever the shape
-    assert relative(low_memory.run(random), reference.run(random)) < 1e-5
 
 
 @needs_openvino
-def test_int8_matches_onnxruntime_at_batch_1_and_3(digits, held_out) -> None:
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_int8_matches_onnxruntime(digits, held_out, batch: int) -> None:
     """The QDQ model as it is: OpenVINO fuses it its own way (its int8 logits are about 6e-2
-    off onnxruntime's, as far as each is from fp32), yet every prediction agrees."""
+    off onnxruntime's, as far as each is from fp32), yet every prediction agrees. Batch 8: a
+    model reshaped to a static batch of 4, 6 or 8 gave wrong int8 logits (OpenVINO 2026.4.1)."""
     export = digits["export"]
     fp32 = in_batches(load_model(export / "model.onnx"), held_out, 8)
     theirs = load_model(export / "model.int8.onnx", "onnxruntime", RunOptions(threads=2))
     ours = load_model(export / "model.int8.onnx", "openvino", RunOptions(threads=2))
-    singles = in_batches(ours, held_out, 1)
-    threes = in_batches(ours, held_out, 3)
-    assert relative(threes, singles) < 1e-4  # the dynamic batch axis changes nothing
-    expected = in_batches(theirs, held_out, 3)
-    assert (threes.argmax(1) == expected.argmax(1)).all()
-    assert (threes.argmax(1) == fp32.argmax(1)).all()
-    assert min_cosine(threes, expected) > 0.98
-    assert min_cosine(threes, fp32) > 0.98
-    assert relative(threes, fp32) < 2 * relative(expected, fp32)
+    actual = in_batches(ours, held_out, batch)
+    assert relative(actual, in_batches(ours, held_out, 2)) < 1e-4  # the batch changes nothing
+    expected = in_batches(theirs, held_out, batch)
+    assert (actual.argmax(1) == expected.argmax(1)).all()
+    assert (actual.argmax(1) == fp32.argmax(1)).all()
+    assert min_cosine(actual, expected) > 0.98
+    assert min_cosine(actual, fp32) > 0.98
+    assert relative(actual, fp32) < 2 * relative(expected, fp32)
 
 
 @needs_openvino

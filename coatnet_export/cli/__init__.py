@@ -8,17 +8,20 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 import os
 import sys
 import traceback
 
 import click
 
-from coatnet_export.cli import bench, export, info, package, predict, quantize, validate, variants
 from coatnet_export.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, explain, handle_signals
 from models import ConfigError
 
 DEFAULT_COMMAND = "export"
+COMMANDS = ("export", "quantize", "validate", "info", "variants", "bench", "predict", "package")
+"""Each command is the function of that name in ``coatnet_export.cli.<name>``, imported only
+when it runs (or --help lists it): `variants` never loads torch or onnxruntime."""
 DEBUG_ENV = "COATNET_EXPORT_DEBUG"
 """Set to 1 to see the traceback of an internal error."""
 
@@ -28,7 +31,16 @@ class UnknownCommand(click.UsageError):
 
 
 class DefaultCommandGroup(click.Group):
-    """A group that runs ``export`` when the first argument is an option (``--variant ...``)."""
+    """A group that runs ``export`` when the first argument is an option (``--variant ...``),
+    and imports a command's module only when that command is asked for."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        return getattr(importlib.import_module(f"coatnet_export.cli.{name}"), name)
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0].startswith("-") and args[0] not in ("--help", "-h", "--version"):
@@ -37,11 +49,11 @@ class DefaultCommandGroup(click.Group):
 
     def resolve_command(self, ctx: click.Context, args: list[str]):
         name = args[0] if args else ""
-        if name not in self.commands:
-            close = difflib.get_close_matches(name, list(self.commands), n=1)
+        if name not in COMMANDS:
+            close = difflib.get_close_matches(name, COMMANDS, n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
             raise UnknownCommand(
-                f"no such command '{name}' ({hint}commands: {', '.join(sorted(self.commands))})",
+                f"no such command '{name}' ({hint}commands: {', '.join(sorted(COMMANDS))})",
                 ctx,
             )
         return super().resolve_command(ctx, args)
@@ -54,10 +66,6 @@ def cli() -> None:
 
     Without a sub-command, runs `export`:  coatnet-export --variant coatnet_1
     """
-
-
-for module in (export, quantize, validate, info, variants, bench, predict, package):
-    cli.add_command(getattr(module, module.__name__.rsplit(".", 1)[-1]))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""``coatnet-export variants``: the variant table."""
+"""``coatnet-export variants``: the variant table, computed from the configurations (no torch)."""
 
 from __future__ import annotations
 
@@ -14,17 +14,16 @@ from coatnet_export.console import render_table
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def variants(img_size: tuple[int, int], as_json: bool) -> None:
     """List the variants with parameters and multiply-accumulates (computed, no weights)."""
-    from models import build_variant, count_macs, count_parameters, get_variant, variant_names
+    from models import VARIANTS, variant_cost
 
     rows = []
-    for name in variant_names():
-        model = build_variant(name, img_size=img_size, device="meta")
-        spec = get_variant(name)
+    for name, spec in VARIANTS.items():
+        cost = variant_cost(spec, img_size)
         rows.append(
             {
                 "variant": name,
-                "parameters": count_parameters(model),
-                "gmacs": round(count_macs(model) / 1e9, 2),
+                "parameters": cost.parameters,
+                "gmacs": round(cost.macs / 1e9, 2),
                 "heads": spec.num_heads,
                 "blocks": "-".join(map(str, spec.num_blocks))
                 if spec.tandem is None

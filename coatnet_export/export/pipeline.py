@@ -31,6 +31,7 @@ from coatnet_export.export.transforms import (
     bake_relative_biases,
     fold_attention_scales,
     fold_batchnorms,
+    transpose_token_linears,
     use_onnx_attention,
 )
 from coatnet_export.metadata import ExportMetadata, write_json
@@ -301,6 +302,7 @@ def build_and_publish(
         bias_bytes = bake_relative_biases(reference.model)
         folded = fold_batchnorms(reference.model)
         scales = fold_attention_scales(reference.model)
+        transpose_token_linears(reference.model)  # after the scales: it moves the weights
         if metadata.attention == "fused":
             use_onnx_attention(reference.model)
     progress.note(

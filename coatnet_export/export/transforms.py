@@ -1,5 +1,8 @@
 """Exact rewrites of the PyTorch model before export: constant biases, folded BatchNorm and
-attention scale, and the choice of the fused attention operator."""
+attention scales, token linear layers with (in, out) weights, and the fused attention operator.
+
+The order matters: :func:`fold_attention_scales` scales the query rows of ``to_qkv``'s (out, in)
+weight, so it runs before :func:`transpose_token_linears` moves that weight to (in, out)."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from models import CoAtNet
-from models.coatnet import PreNorm
+from models.coatnet import PreNorm, Transformer
 
 
 def bake_relative_biases(model: CoAtNet) -> int:
@@ -26,6 +29,45 @@ def fold_attention_scales(model: CoAtNet) -> int:
     for attention in blocks:
         attention.fold_scale()
     return len(blocks)
+
+
+class TransposedLinear(nn.Module):
+    """``x @ weight + bias`` with the weight stored as (in, out): a linear layer on tokens
+    that exports as MatMul on the weight as it is, with no transposed copy to fold."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(linear.weight.detach().t().contiguous())
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x @ self.weight
+        return out if self.bias is None else out + self.bias
+
+
+@torch.no_grad()
+def transpose_token_linears(model: CoAtNet) -> int:
+    """Store the weights of the Transformer blocks' linear layers as (in, out); returns how many.
+
+    The exporter writes ``x W^T`` on 3-D tokens as MatMul on a transposed weight, which the
+    graph optimiser folds into a non-contiguous array that is slow to save; the same product
+    on a pre-transposed weight needs neither, and keeps each weight's name.
+    """
+    replaced = 0
+    for block in model.modules():
+        if not isinstance(block, Transformer):
+            continue
+        attention, feed_forward = block.attn["1"].fn, block.ff["1"].fn.ff
+        for parent, name in (
+            (attention, "to_qkv"),
+            (attention.to_out, "0"),
+            (feed_forward, "0"),
+            (feed_forward, "3"),
+        ):
+            linear = getattr(parent, name)
+            setattr(parent, name, TransposedLinear(linear).train(linear.training))
+            replaced += 1
+    return replaced
 
 
 def use_onnx_attention(model: CoAtNet) -> int:

@@ -24,6 +24,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx.external_data_helper import uses_external_data
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -432,35 +433,13 @@ def quantize_in(
         )
     progress(f"fp32 logits on {len(data.evaluation)} held-out inputs")
     reference = logits(source.model_path, data.evaluation, batched)
-    proto = onnx.load(str(pre), load_external_data=False)
-    exclude = DEFAULT_RECIPE.exclusions(proto) if opts.mode == "static" else []
-    del proto
-    attempts: list[Attempt] = []
-    steps: list[list[str]] = []
-    compact = 0
-    while True:
-        path = work / f"int8-{len(attempts)}.onnx"
-        progress(
-            f"quantizing ({opts.mode}" + (f", fallback step {len(steps)}" if steps else "") + ")"
-        )
-        compact = quantize_once(pre, path, opts, choice, cache, exclude)
-        int8 = logits(path, data.evaluation, batched)
-        result = agreement(reference, int8, data.evaluation.targets)
-        attempts.append(Attempt(path, list(exclude), result))
-        progress(f"gate: {gate.describe(result)}")
-        if gate.passed(result) or opts.mode != "static" or len(steps) >= opts.max_fallback_steps:
-            break
-        progress("measuring per-tensor SQNR to choose nodes for float")
-        step = fallback_step(pre, attempts[-1], data.evaluation, plan, opts.fallback_per_step)
-        if not step:
-            break
-        progress(f"returning to float: {', '.join(step)}")
-        steps.append(step)
-        exclude = exclude + step
+    attempts, steps, compact = quantize_until_gate(
+        pre, work, source, opts, choice, gate, data, cache, reference, progress
+    )
     final = attempts[-1]
     worst: list[tuple[str, float]] = []
     if opts.mode == "static":
-        progress(f"per-tensor SQNR on {min(SQNR_SAMPLES, len(data.evaluation))} held-out inputs")
+        progress(f"per-activation SQNR on {len(data.evaluation.take(SQNR_SAMPLES))} inputs")
         worst = lowest_sqnr(pre, final.path, data.evaluation.take(SQNR_SAMPLES), plan)
     timed = {"fp32": source.model_path, "int8": final.path}
     if steps:
@@ -474,6 +453,48 @@ def quantize_in(
     progress("writing model.int8.onnx")
     write_outputs(work, source, final, report)
     return report
+
+
+def quantize_until_gate(
+    pre: Path,
+    work: Path,
+    source: Source,
+    opts: QuantOptions,
+    choice: QuantChoice,
+    gate: Gate,
+    data: Data,
+    cache: Path | None,
+    reference: np.ndarray,
+    progress: Steps,
+) -> tuple[list[Attempt], list[list[str]], int]:
+    """Quantize, compare with fp32, and while the gate fails (static mode), return the nodes
+    behind the worst activations to float and quantize again, up to the allowed steps.
+    Returns every attempt, the fallback steps and the bytes the bias compaction saved."""
+    plan = source.plan(opts.threads)
+    batched = replace(source.plan(opts.threads, EVAL_BATCH), runtime=opts.runtime)
+    proto = onnx.load(str(pre), load_external_data=False)
+    exclude = DEFAULT_RECIPE.exclusions(proto) if opts.mode == "static" else []
+    del proto
+    attempts: list[Attempt] = []
+    steps: list[list[str]] = []
+    while True:
+        path = work / f"int8-{len(attempts)}.onnx"
+        step_note = f", fallback step {len(steps)}" if steps else ""
+        progress(f"quantizing ({opts.mode}{step_note})")
+        compact = quantize_once(pre, path, opts, choice, cache, exclude)
+        int8 = logits(path, data.evaluation, batched)
+        result = agreement(reference, int8, data.evaluation.targets)
+        attempts.append(Attempt(path, list(exclude), result))
+        progress(f"gate: {gate.describe(result)}")
+        if gate.passed(result) or opts.mode != "static" or len(steps) >= opts.max_fallback_steps:
+            return attempts, steps, compact
+        progress("measuring per-activation SQNR to choose nodes for float")
+        step = fallback_step(pre, attempts[-1], data.evaluation, plan, opts.fallback_per_step)
+        if not step:
+            return attempts, steps, compact
+        progress(f"returning to float: {', '.join(step)}")
+        steps.append(step)
+        exclude = exclude + step
 
 
 def write_outputs(work: Path, source: Source, final: Attempt, report: QuantReport) -> None:

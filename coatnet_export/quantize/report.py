@@ -70,8 +70,9 @@ class QuantReport:
             )
         if plan.low_memory:
             notes.append(
-                "large model: timed in low-memory sessions (no weight pre-packing), slower "
-                "than deployment with default sessions"
+                "large model: timed one model after the other (not interleaved), in "
+                "low-memory sessions (no weight pre-packing), slower than deployment with "
+                "default sessions"
             )
         static = opts.mode == "static"
         return cls(

@@ -39,12 +39,6 @@ def make_session(
         ) from None
 
 
-def run_session(session: ort.InferenceSession, inputs: np.ndarray) -> np.ndarray:
-    """The first output of ``session`` for ``inputs`` fed to its only input."""
-    name = session.get_inputs()[0].name
-    return session.run(None, {name: inputs})[0]
-
-
 class OrtModel:
     """A model in an onnxruntime CPU session."""
 
