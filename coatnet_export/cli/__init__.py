@@ -70,6 +70,9 @@ def cli() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one line and an exit code for every failure (see the module docstring)."""
+    # torch's OpenMP threads otherwise busy-wait after each call, which starves onnxruntime
+    # (and everything else) running next to them on a small machine; torch loads later
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     with handle_signals():
         code = _run(argv)
     sys.exit(code)

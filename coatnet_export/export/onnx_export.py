@@ -44,7 +44,9 @@ def fused_attention_unavailable(exporter: Exporter, opset: int) -> tuple[str, st
         )
     import torch
 
-    if not hasattr(getattr(torch.onnx, "ops", None), "attention"):
+    try:
+        from torch.onnx.ops import attention  # noqa: F401  (older torch lacks it)
+    except ImportError:
         return f"torch {torch.__version__} has no torch.onnx.ops.attention", "upgrade torch"
     return None
 
