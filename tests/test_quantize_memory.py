@@ -18,6 +18,7 @@ from coatnet_export.console import Progress
 from coatnet_export.export import package
 from coatnet_export.export.pipeline import ExportOptions, run_export
 from coatnet_export.quantize import pipeline
+from coatnet_export.quantize.calibrate import coarsen
 
 from conftest import TINY
 
@@ -98,6 +99,8 @@ def test_large_model_path_external_data_in_and_out(
     assert result.code == 0, result.err
     int8 = export / "model.int8.onnx"
     assert (export / "model.int8.onnx.data").is_file()
+    modes = {(export / name).stat().st_mode for name in ("model.int8.onnx", "model.int8.onnx.data")}
+    assert len(modes) == 1  # the weights file is as readable as the model, not private
     graph = onnx.load(str(int8), load_external_data=False)
     assert any(uses_external_data(t) for t in graph.graph.initializer)
     report = json.loads((export / "quantization.json").read_text())
@@ -125,3 +128,20 @@ def test_large_model_path_external_data_in_and_out(
     manifest = json.loads((export / "manifest.json").read_text())
     assert "model.int8.onnx.data" not in manifest["files"]
     ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
+
+
+def test_coarsened_histograms_keep_their_counts_and_range() -> None:
+    data = np.random.default_rng(0).standard_normal(10_000).astype(np.float32)
+    threshold = np.float32(4.0)
+    hist, edges = np.histogram(data, 2 * 2 * 2 * 2 * 2 + 2, range=(-threshold, threshold))
+    entry = (hist, edges.astype(np.float32), data.min(), data.max(), threshold)
+    for _ in range(3):  # 34 bins (not a multiple of 4: padded) -> 18 -> 10 -> 6
+        smaller = coarsen(entry)
+        assert len(smaller[0]) < len(entry[0]) and smaller[0].sum() == hist.sum()
+        assert smaller[4] >= entry[4] and len(smaller[1]) == len(smaller[0]) + 1
+        assert smaller[1][0] == -smaller[4] and smaller[1][-1] == smaller[4]
+        entry = smaller
+    # each coarse bin holds the values of the fine bins it covers
+    np.testing.assert_array_equal(
+        np.histogram(data, len(entry[0]), range=(-entry[4], entry[4]))[0], entry[0]
+    )

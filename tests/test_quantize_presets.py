@@ -165,3 +165,12 @@ def test_seeded_model_is_gated_on_the_cosine_similarity(
     failed = run_cli("quantize", export, *FAST, "--min-cosine", "1.0")
     assert failed.code == 1 and "int8 cosine" in failed.err and "below the gate 1.0" in failed.err
     assert not json.loads((export / "quantization.json").read_text())["passed"]
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_histogram_calibration_methods(method: str, seeded: Path, tmp_path: Path, run_cli) -> None:
+    export = fresh(seeded, tmp_path)
+    result = run_cli("quantize", export, *FAST, "--calibration-method", method)
+    assert result.code == 0, result.err
+    report = json.loads((export / "quantization.json").read_text())
+    assert report["calibration_method"] == method and report["passed"]

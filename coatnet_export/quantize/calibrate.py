@@ -233,7 +233,7 @@ def output_groups(
 
 @dataclass
 class SessionPlan:
-    """How the calibration sessions run."""
+    """How a quantization's onnxruntime sessions run."""
 
     threads: int | None
     low_memory: bool

@@ -16,6 +16,7 @@ step holds more than one copy of the fp32 weights in Python.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -529,6 +530,11 @@ def publish_outputs(work: Path, source: Source, report: QuantReport) -> None:
     """Move the outputs from ``work`` into the export folder: renames, signals held back."""
     folder = source.folder
     names = [f"{INT8_FILE}.data", INT8_FILE, REPORT_FILE, MANIFEST_FILE]
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in names:  # onnx writes external data private (0600); give the usual mode
+        if (work / name).exists():
+            (work / name).chmod(0o666 & ~umask)
     with signals_deferred():
         for name in names:
             if (work / name).exists():
