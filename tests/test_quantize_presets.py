@@ -174,3 +174,16 @@ def test_histogram_calibration_methods(method: str, seeded: Path, tmp_path: Path
     assert result.code == 0, result.err
     report = json.loads((export / "quantization.json").read_text())
     assert report["calibration_method"] == method and report["passed"]
+
+
+def test_fixed_batch_model_quantizes(tmp_path: Path, run_cli) -> None:
+    """Calibration, held-out inputs and timing all feed a fixed-batch model whole batches."""
+    options = ExportOptions(
+        architecture=TINY, output=tmp_path / "fixed", img_size=(64, 64), num_classes=10,
+        batch=3, validate=False,
+    )  # fmt: skip
+    export = run_export(options, Progress(4, enabled=False)).directory
+    result = run_cli("quantize", export, *FAST, "--calibration-samples", "4")
+    assert result.code == 0, result.err
+    report = json.loads((export / "quantization.json").read_text())
+    assert report["agreement"]["samples"] == 32 and report["passed"]

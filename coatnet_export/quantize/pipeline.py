@@ -445,7 +445,7 @@ def quantize_in(
     timed = {"fp32": source.model_path, "int8": final.path}
     if steps:
         timed["int8 before fallback"] = attempts[0].path
-    progress(f"timing {', '.join(timed)} ({opts.latency_runs} interleaved batch-1 runs each)")
+    progress(f"timing {', '.join(timed)} ({opts.latency_runs} runs each, batch {plan.batch})")
     timed_plan = replace(plan, runtime=opts.runtime)
     timings = latency(timed, source.input_shape, timed_plan, opts.latency_runs)
     report = QuantReport.build(
