@@ -13,6 +13,7 @@ from models import VariantSpec
 TINY = VariantSpec("tiny", (1, 1, 2, 2, 1), (8, 12, 16, 24, 32), num_heads=2)
 """A CoAtNet small enough to export in a second, with every block type and a downsampling T."""
 
+
 def listing(root: Path) -> set[str]:
     """Every path under ``root``, relative to it (hidden ones included)."""
     return {str(p.relative_to(root)) for p in root.rglob("*")}
