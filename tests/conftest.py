@@ -13,6 +13,26 @@ from models import VariantSpec
 TINY = VariantSpec("tiny", (1, 1, 2, 2, 1), (8, 12, 16, 24, 32), num_heads=2)
 """A CoAtNet small enough to export in a second, with every block type and a downsampling T."""
 
+TINY_LABELS = [f"class-{i}" for i in range(10)]
+
+
+def export_tiny(folder: Path, **overrides) -> Path:
+    """Export TINY at 64 x 64 with 10 labelled classes to ``folder`` (ExportOptions overrides)."""
+    from coatnet_export.console import Progress
+    from coatnet_export.export.pipeline import ExportOptions, run_export
+
+    options = {
+        "architecture": TINY,
+        "output": folder,
+        "img_size": (64, 64),
+        "num_classes": 10,
+        "labels": TINY_LABELS,
+        "samples": 1,
+        **overrides,
+    }
+    run_export(ExportOptions(**options), Progress(6, enabled=False))
+    return folder
+
 
 def listing(root: Path) -> set[str]:
     """Every path under ``root``, relative to it (hidden ones included)."""

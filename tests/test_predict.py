@@ -12,17 +12,15 @@ import onnx
 import pytest
 from PIL import Image
 
-from coatnet_export.console import Progress
-from coatnet_export.export.pipeline import ExportOptions, run_export
-
-from conftest import TINY
+from conftest import TINY_LABELS
+from conftest import export_tiny as export
 from test_infer import run_without_torch, sample_photos
 
 pq = pytest.importorskip("pyarrow.parquet")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from train_fixture import write_images  # noqa: E402
 
-LABELS = [f"class-{i}" for i in range(10)]
+LABELS = TINY_LABELS
 BROKEN = ("broken.jpg", "empty.png")
 
 
@@ -44,20 +42,6 @@ def images(tmp_path_factory) -> Path:
     (root / "empty.png").write_bytes(b"")
     (root / "notes.txt").write_text("not an image, and not named like one\n")
     return root
-
-
-def export(folder: Path, **overrides) -> Path:
-    options = {
-        "architecture": TINY,
-        "output": folder,
-        "img_size": (64, 64),
-        "num_classes": 10,
-        "labels": LABELS,
-        "samples": 1,
-        **overrides,
-    }
-    run_export(ExportOptions(**options), Progress(6, enabled=False))
-    return folder
 
 
 @pytest.fixture(scope="module")

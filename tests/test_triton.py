@@ -12,28 +12,13 @@ import pytest
 from google.protobuf import text_format
 
 from coatnet_export.cli import main
-from coatnet_export.console import Progress
-from coatnet_export.export.pipeline import ExportOptions, run_export
 
-from conftest import TINY
+from conftest import TINY_LABELS
+from conftest import export_tiny as export
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
-LABELS = [f"class-{i}" for i in range(10)]
+LABELS = TINY_LABELS
 ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.INT64: "TYPE_INT64"}
-
-
-def export(folder: Path, **overrides) -> Path:
-    options = {
-        "architecture": TINY,
-        "output": folder,
-        "img_size": (64, 64),
-        "num_classes": 10,
-        "labels": LABELS,
-        "samples": 1,
-        **overrides,
-    }
-    run_export(ExportOptions(**options), Progress(6, enabled=False))
-    return folder
 
 
 @pytest.fixture(scope="module")
