@@ -253,7 +253,7 @@ def plan_bench(
     from coatnet_export.errors import InputError
     from coatnet_export.export.pipeline import ExportOptions, run_export
     from coatnet_export.inspect import resolve_model_path
-    from models import VariantSpec, count_macs, get_variant, init_weights, materialize
+    from models import VariantSpec, get_variant, init_weights, materialize, variant_cost
 
     paths: list[Path] = []
     for model in models:
@@ -298,5 +298,5 @@ def plan_bench(
         for runtime in runtimes:
             openvino_precision = precision if runtime == "openvino" else "f32"
             targets.append(model_target(name, path, runtime, openvino_precision))
-    macs = count_macs(architecture.build(size, classes, channels, device="meta"))
+    macs = variant_cost(architecture, size, classes, channels).macs
     return BenchPlan(targets, labels, (channels, *size), macs)

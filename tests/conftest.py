@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,44 @@ TINY = VariantSpec("tiny", (1, 1, 2, 2, 1), (8, 12, 16, 24, 32), num_heads=2)
 """A CoAtNet small enough to export in a second, with every block type and a downsampling T."""
 
 TINY_LABELS = [f"class-{i}" for i in range(10)]
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # train_fixture, infer
+
+DIGITS = Path(__file__).parent / "fixtures" / "digits"
+"""The trained digits checkpoint (scripts/train_fixture.py), its labels and training record."""
+
+
+def export_digits(root: Path) -> dict[str, Path]:
+    """The trained digits fixture exported to ``root/export``, with 64 training images in
+    ``root/calibration`` and the held-out ones in ``root/test``."""
+    from coatnet_export.console import Progress
+    from coatnet_export.export.pipeline import ExportOptions, run_export
+
+    from train_fixture import split, write_images
+
+    train, test = split()
+    write_images(root / "calibration", train[:64])
+    write_images(root / "test", test)
+    labels = [line for line in (DIGITS / "labels.txt").read_text().splitlines() if line]
+    run_export(
+        ExportOptions(
+            architecture=None,
+            output=root / "export",
+            checkpoint=DIGITS / "digits.safetensors",
+            mean=(0.5,),
+            std=(0.5,),
+            crop_pct=1.0,
+            labels=labels,
+            samples=1,
+        ),
+        Progress(6, enabled=False),
+    )
+    return {
+        "root": root,
+        "export": root / "export",
+        "calibration": root / "calibration",
+        "test": root / "test",
+    }
 
 
 def export_tiny(folder: Path, **overrides) -> Path:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,6 @@ from conftest import export_tiny as export
 from test_infer import run_without_torch, sample_photos
 
 pq = pytest.importorskip("pyarrow.parquet")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from train_fixture import write_images  # noqa: E402
 
 LABELS = TINY_LABELS

@@ -20,44 +20,17 @@ from coatnet_export.inspect import metadata_of
 from coatnet_export.quantize.graph import DEFAULT_RECIPE, compact_biases, non_gate_muls, prepare
 from models import VariantSpec
 
+from conftest import export_digits, listing
+
 FIXTURE = Path(__file__).parent / "fixtures" / "digits"
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from train_fixture import split, write_images  # noqa: E402
 
 DIGITS = VariantSpec("digits", (1, 1, 2, 2, 1), (16, 24, 32, 48, 64), num_heads=2)
-
-
-def listing(root: Path) -> set[str]:
-    return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> dict[str, Path]:
     """The trained fixture exported to ONNX, and calibration / held-out image folders."""
-    root = tmp_path_factory.mktemp("digits")
-    train, test = split()
-    write_images(root / "calibration", train[:64])
-    write_images(root / "test", test)
-    labels = [line for line in (FIXTURE / "labels.txt").read_text().splitlines() if line]
-    run_export(
-        ExportOptions(
-            architecture=None,
-            output=root / "export",
-            checkpoint=FIXTURE / "digits.safetensors",
-            mean=(0.5,),
-            std=(0.5,),
-            crop_pct=1.0,
-            labels=labels,
-            samples=1,
-        ),
-        Progress(6, enabled=False),
-    )
-    return {
-        "root": root,
-        "export": root / "export",
-        "calibration": root / "calibration",
-        "test": root / "test",
-    }
+    return export_digits(tmp_path_factory.mktemp("digits"))
 
 
 def fresh_export(digits: dict[str, Path], tmp_path: Path) -> Path:

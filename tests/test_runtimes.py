@@ -27,7 +27,6 @@ from test_infer import SCRIPT, load_script
 
 FIXTURE = Path(__file__).parent / "fixtures" / "digits"
 CHECKPOINT = FIXTURE / "digits.safetensors"
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from train_fixture import split, write_images  # noqa: E402
 
 needs_openvino = pytest.mark.skipif(

@@ -29,12 +29,10 @@ from coatnet_export.targets.e2e import (
     rgb_pixels,
 )
 
-from conftest import TINY
+from conftest import TINY, export_digits
 from test_infer import load_script
 
 FIXTURE = Path(__file__).parent / "fixtures" / "digits"
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from train_fixture import split, write_images  # noqa: E402
 
 SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
 
@@ -98,25 +96,8 @@ def decoded_photos(photos: Path) -> list[tuple[str, Image.Image]]:
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory) -> dict[str, Path]:
     """The trained digits fixture exported, quantized and packaged as e2e models."""
-    root = tmp_path_factory.mktemp("digits")
-    train, test = split()
-    write_images(root / "calibration", train[:64])
-    write_images(root / "test", test)
-    labels = [line for line in (FIXTURE / "labels.txt").read_text().splitlines() if line]
-    export = root / "export"
-    run_export(
-        ExportOptions(
-            architecture=None,
-            output=export,
-            checkpoint=FIXTURE / "digits.safetensors",
-            mean=(0.5,),
-            std=(0.5,),
-            crop_pct=1.0,
-            labels=labels,
-            samples=1,
-        ),
-        Progress(6, enabled=False),
-    )
+    made = export_digits(tmp_path_factory.mktemp("digits"))
+    root, export = made["root"], made["export"]
     quantized = cli(
         "quantize", export, "--calibration-data", root / "calibration", "--eval-data",
         root / "test",

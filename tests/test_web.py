@@ -34,7 +34,6 @@ FIXTURE = ROOT / "tests" / "fixtures" / "digits"
 BROWSER = ROOT / "tests" / "browser"
 DRIVER = BROWSER / "drive.mjs"
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
-sys.path.insert(0, str(ROOT / "scripts"))
 from train_fixture import digit_images, split, write_images  # noqa: E402
 
 TOLERANCE = 1e-2

@@ -16,15 +16,13 @@ from typing import TYPE_CHECKING
 
 from coatnet_export.errors import InputError
 from models import DIM_HEAD
-from models.coatnet import STAGE_STRIDES
+from models.config import STAGE_STRIDES
 
 if TYPE_CHECKING:
     from coatnet_export.sources.model_source import ModelSpec
 
 FLOAT = 4
 INDEX = 8
-MIN_SIDE = 32
-"""The smallest resolution a CoAtNet accepts: the meta model is built here to count weights."""
 
 
 @dataclass(frozen=True)
@@ -129,23 +127,11 @@ def estimate_memory(spec: ModelSpec, batch: int, held_images: int = 0) -> Memory
 
 
 def _weight_bytes(spec: ModelSpec) -> int:
-    """Parameters counted on the meta device at the smallest resolution, plus the bias tables
-    at the real one (the only weights whose size depends on the resolution)."""
-    from models import count_parameters
+    """The fp32 weights, bias tables at this resolution included, counted from the configuration."""
+    from models import variant_cost
 
-    small = spec.architecture.build(
-        (MIN_SIDE, MIN_SIDE), spec.num_classes, spec.in_channels, spec.numerics, device="meta"
-    )
-    fixed = count_parameters(small) - sum(
-        b.relative_bias_table.numel() for b in small.attention_blocks()
-    )
-    rows = 0
-    height, width = spec.img_size
-    for block_type, blocks, _, _, stage in _stages(spec):
-        if block_type == "T":
-            h, w = height // STAGE_STRIDES[stage], width // STAGE_STRIDES[stage]
-            rows += blocks * (2 * h - 1) * (2 * w - 1)
-    return (fixed + rows * spec.architecture.num_heads) * FLOAT
+    cost = variant_cost(spec.architecture, spec.img_size, spec.num_classes, spec.in_channels)
+    return cost.parameters * FLOAT
 
 
 def check_memory(
