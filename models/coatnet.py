@@ -193,7 +193,8 @@ class RelativeAttention(nn.Module):
         """The same attention as one ONNX ``Attention`` node (opset 23) on (B, N, heads x 32)
         queries, keys and values: the head split and merge happen inside the operator, so the
         graph has no reshapes or transposes around it."""
-        q, k, v = self.to_qkv(x).chunk(3, dim=-1)
+        qkv = self.to_qkv(x)  # a projection split for export returns the three parts
+        q, k, v = qkv if isinstance(qkv, tuple) else qkv.chunk(3, dim=-1)
         bias = self.baked_bias if self.baked_bias is not None else self.relative_bias()[None]
         out, *_ = torch.onnx.ops.attention(
             q,

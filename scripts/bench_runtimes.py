@@ -1,19 +1,22 @@
 """Every runtime side by side: onnxruntime and OpenVINO, fp32 and int8, and PyTorch eager.
 
     python scripts/bench_runtimes.py                    # a seeded coatnet_0, exported here
-    python scripts/bench_runtimes.py coatnet_0/ --threads 1 --threads 2 --json runtimes.json
+    python scripts/bench_runtimes.py coatnet_0/ c0-ov/model.int8.onnx --threads 1 --threads 2
 
 Needs the openvino extra (``pip install -c constraints.txt -e '.[openvino]'``) and, without
-an export folder, scikit-learn (the test extra) for the calibration photographs.
+models, scikit-learn (the test extra) for the calibration photographs.
 
-Without EXPORT_DIR, the variant (``--variant``, default coatnet_0) is exported with seeded
-weights into a temporary folder and quantized on crops of scikit-learn's sample photographs.
-For each thread count the 2048² fp32 matmul rate is measured first, then every target (both
-ONNX models in both runtimes, and PyTorch eager) is timed at every batch size, interleaved
-round-robin (coatnet_export.bench, as ``coatnet-export bench`` does). The table gives p50/p90
-latency, images/s, GFLOP/s, the share of the matmul rate and the speed-up over onnxruntime
-fp32 at the same batch and threads; the CPU model is printed with it and recorded in the JSON.
-Run it on a quiet machine: other processes on the cores skew every figure.
+Without models, the variant (``--variant``, default coatnet_0) is exported with seeded weights
+into a temporary folder and quantized twice on crops of scikit-learn's sample photographs:
+once for onnxruntime (``model.int8.onnx``) and once with ``--runtime openvino`` (an int8 graph
+laid out for OpenVINO, "onnx int8 for openvino"). Models given are export folders (their
+model.onnx and model.int8.onnx) or ONNX files. For each thread count the 2048² fp32 matmul
+rate is measured first, then every target (each ONNX model in both runtimes, and PyTorch
+eager) is timed at every batch size, interleaved round-robin (coatnet_export.bench, as
+``coatnet-export bench`` does). The table gives p50/p90 latency, images/s, GFLOP/s, the share
+of the matmul rate and the speed-up over onnxruntime fp32 at the same batch and threads; the
+CPU model is printed with it and recorded in the JSON. Run it on a quiet machine: other
+processes on the cores skew every figure.
 """
 
 from __future__ import annotations
@@ -77,29 +80,41 @@ def versions() -> dict[str, str]:
     }
 
 
-def export_and_quantize(variant: str, work: Path, calibration: int) -> Path:
-    """A seeded export of ``variant`` in ``work``, quantized on photograph crops."""
+def export_and_quantize(variant: str, work: Path, calibration: int) -> list[Path]:
+    """A seeded export of ``variant`` in ``work``, quantized on photograph crops for each
+    runtime; returns the export folder (fp32 and onnxruntime int8) and the OpenVINO int8 file."""
     from bench_quantize import photo_crops
 
     from coatnet_export.export.pipeline import ExportOptions, run_export
     from coatnet_export.quantize.pipeline import QuantOptions, run_quantize
     from models import get_variant
 
-    print(f"exporting {variant} (seeded weights) ...", file=sys.stderr)
+    say(f"exporting {variant} (seeded weights) ...")
     outcome = run_export(
         ExportOptions(architecture=get_variant(variant), output=work / variant, samples=1),
         Progress(6, enabled=False),
     )
     photo_crops(work / "photos", calibration)
-    print(f"quantizing on {calibration} photograph crops ...", file=sys.stderr)
-    _, report = run_quantize(
-        outcome.directory,
-        QuantOptions(calibration_data=work / "photos", samples=calibration, latency_runs=5),
-        lambda text: print(f"  {text}", file=sys.stderr),
-    )
-    if not report.passed:
-        print(f"warning: int8 failed its gate ({report.gate})", file=sys.stderr)
-    return outcome.directory
+    for_openvino = work / f"{variant}-openvino"
+    for_openvino.mkdir()
+    (for_openvino / "model.onnx").hardlink_to(outcome.directory / "model.onnx")
+    outputs = []
+    for folder, runtime in ((outcome.directory, "onnxruntime"), (for_openvino, "openvino")):
+        say(f"quantizing for {runtime} on {calibration} photograph crops ...")
+        output, report = run_quantize(
+            folder,
+            QuantOptions(
+                calibration_data=work / "photos",
+                samples=calibration,
+                latency_runs=5,
+                runtime=runtime,
+            ),
+            lambda text: say(f"  {text}"),
+        )
+        if not report.passed:
+            say(f"warning: int8 for {runtime} failed its gate ({report.gate})")
+        outputs.append(output)
+    return [outcome.directory, outputs[1]]
 
 
 def table_rows(rows: list[LatencyStats], peaks: dict[int, float]) -> list[dict]:
@@ -119,7 +134,7 @@ def table_rows(rows: list[LatencyStats], peaks: dict[int, float]) -> list[dict]:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "export", type=Path, nargs="?", help="export folder with model.onnx and model.int8.onnx"
+        "models", type=Path, nargs="*", help="export folders or ONNX files [default: export]"
     )
     parser.add_argument("--variant", default="coatnet_0", help="without EXPORT: what to export")
     parser.add_argument("--calibration-images", type=int, default=32)
@@ -142,11 +157,10 @@ def run(args: argparse.Namespace) -> int:
     batches, threads = args.batch or [1, 8], args.threads or [2]
     with tempfile.TemporaryDirectory(prefix="bench-runtimes-") as tmp:
         work = Path(tmp)
-        export = args.export or export_and_quantize(args.variant, work, args.calibration_images)
-        for name in ("model.onnx", "model.int8.onnx"):
-            if not (export / name).is_file():
-                raise InputError(f"{export / name} is missing (export and quantize first)")
-        plan = plan_bench([export], None, None, not args.no_torch, work, say, RUNTIMES)
+        models = args.models or export_and_quantize(
+            args.variant, work, args.calibration_images
+        )
+        plan = plan_bench(models, None, None, not args.no_torch, work, say, RUNTIMES)
         rows, peaks = benchmark(
             plan.targets, plan.input_shape, batches, threads, args.runs, args.warmup,
             plan.macs_per_image, lambda text: say(f"  {text}"),

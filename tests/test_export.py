@@ -19,7 +19,7 @@ from coatnet_export.console import Progress
 from coatnet_export.export.package import write_self_contained
 from coatnet_export.export.pipeline import ExportOptions, rejected_path, run_export
 from coatnet_export.export.transforms import (
-    TransposedLinear,
+    SplitProjection,
     bake_relative_biases,
     fold_attention_scales,
     fold_batchnorms,
@@ -64,10 +64,11 @@ def test_tiny_parity_non_square(
     assert outcome.graph.table_lookups == 0
     ops = ops_of(outcome.directory / "model.onnx")
     assert not ops & {"Gather", "GatherND", "GatherElements", "Dropout", "BatchNormalization"}
-    if expected == "fused":  # one Attention per block, fed by the split of the qkv projection
+    if expected == "fused":  # one Attention per block, fed by three projections
         counts = outcome.graph.op_counts
-        assert counts["Attention"] == 3 and counts["Split"] == 3
-        assert not ops & {"Softmax", "Slice", "Squeeze"}
+        # q, k, v, out and two feed-forward MatMuls a block, and two shortcut projections
+        assert counts["Attention"] == 3 and counts["MatMul"] == 3 * 6 + 2
+        assert not ops & {"Softmax", "Slice", "Squeeze", "Split"}
     else:
         assert "Softmax" in ops and "Attention" not in ops
     if exporter == "dynamo":  # (TorchScript spells GELU with Muls)
@@ -119,7 +120,8 @@ def test_export_transforms_keep_the_outputs(numerics: Numerics) -> None:
         assert use_onnx_attention(model) == 3
         torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
     qkv = model.s3[0].attn["1"].fn.to_qkv
-    assert isinstance(qkv, TransposedLinear) and qkv.weight.shape == (16, 3 * 2 * 32)
+    assert isinstance(qkv, SplitProjection)
+    assert [tuple(w.shape) for w in qkv.parts] == [(16, 2 * 32)] * 3
 
 
 def test_parity_gate_failure_rejects_model(tmp_path: Path) -> None:

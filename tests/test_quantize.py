@@ -17,7 +17,14 @@ from onnx import TensorProto, helper
 from coatnet_export.console import Progress
 from coatnet_export.export.pipeline import ExportOptions, run_export
 from coatnet_export.inspect import metadata_of
-from coatnet_export.quantize.graph import DEFAULT_RECIPE, compact_biases, non_gate_muls, prepare
+from coatnet_export.quantize.graph import (
+    DEFAULT_RECIPE,
+    OPENVINO_RECIPE,
+    attention_as_matmuls,
+    compact_biases,
+    non_gate_muls,
+    prepare,
+)
 from models import VariantSpec
 
 from conftest import export_digits, listing
@@ -73,9 +80,18 @@ def test_static_quantization_meets_the_accuracy_targets(tmp_path: Path, digits, 
         if all(producer.get(i) == "DequantizeLinear" for i in n.input)
     ]
     assert int8_inputs.count("Mul") == 3 and int8_inputs.count("GlobalAveragePool") >= 3
+    # laid out for onnxruntime: int8 MatMuls hand on float (MatMulIntegerToFloat), int8
+    # convolutions hand on int8 (QLinearConv); attention stays one fused operator
+    requantized = {
+        producer.get(n.input[0]) for n in int8.graph.node if n.op_type == "QuantizeLinear"
+    }
+    assert "Conv" in requantized and "MatMul" not in requantized
+    assert "Attention" in producer.values()
     metadata = metadata_of(int8)
     assert metadata.quantization["mode"] == "static"
     assert metadata.quantization["quantized_ops"] == list(DEFAULT_RECIPE.op_types)
+    assert metadata.quantization["runtime"] == "onnxruntime"
+    assert metadata.quantization["recipe"] == DEFAULT_RECIPE.name == report["recipe"]
     assert metadata.quantization["activation_type"] == report["choice"]["activation_type"]
     assert metadata.quantization["target_cpu"] == report["choice"]["target_cpu"]
     assert "auto = " in result.err and "this machine" in result.err
@@ -108,6 +124,55 @@ def test_prepare_turns_spatial_means_into_exact_pooling(tmp_path: Path, digits) 
     assert nodes[0].op_type == "Conv" and nodes[0].name in ends  # the stem
     head = [n for n in nodes if n.op_type in ("Gemm", "MatMul")][-1]
     assert head.output[0] == "logits" and head.name in ends
+
+
+def test_prepare_can_split_attention_into_its_exact_products(tmp_path: Path, digits) -> None:
+    """OpenVINO's recipe: each fused Attention as MatMul -> Add (bias) -> Softmax -> MatMul,
+    with the heads split and merged around them; onnxruntime gives the same logits."""
+    model = digits["export"] / "model.onnx"
+    pre = tmp_path / "pre.onnx"
+    prepare(model, pre, split_attention=True)
+    ops = [n.op_type for n in onnx.load(str(pre), load_external_data=False).graph.node]
+    assert "Attention" not in ops and ops.count("Softmax") == 3  # the fixture's three blocks
+    assert len(OPENVINO_RECIPE.exclusions(onnx.load(str(pre)))) == 3 * 2 + 2  # + stem, head
+    x = np.random.default_rng(0).standard_normal((3, 1, 64, 64), dtype=np.float32)
+    before, after = (
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x})[
+            0
+        ]
+        for path in (model, pre)
+    )
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_split_leaves_what_it_cannot_express() -> None:
+    """A causal Attention or one without an explicit scale stays fused."""
+    spec = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4, 64]) for n in "qkvo"]
+    nodes = [
+        helper.make_node("Attention", ["q", "k", "v"], ["a"], q_num_heads=2, kv_num_heads=2),
+        helper.make_node(
+            "Attention", ["a", "k", "v"], ["b"], q_num_heads=2, kv_num_heads=2, scale=0.5,
+            is_causal=1,
+        ),
+        helper.make_node("Attention", ["b", "k", "v"], ["o"], q_num_heads=2, kv_num_heads=2,
+                         scale=0.5),
+    ]  # fmt: skip
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", spec[:3], spec[3:]),
+        opset_imports=[helper.make_opsetid("", 23)],
+    )
+    reference = model.SerializeToString()
+    assert attention_as_matmuls(model) == 1
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("Attention") == 2 and ops.count("Softmax") == ops.count("Mul") == 1
+    feeds = {
+        n: np.random.default_rng(1).standard_normal((1, 4, 64), dtype=np.float32) for n in "qkv"
+    }
+    outputs = [
+        ort.InferenceSession(m, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        for m in (reference, model.SerializeToString())
+    ]
+    np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
 
 
 def test_only_squeeze_excitation_gates_are_quantized_muls() -> None:

@@ -20,6 +20,7 @@ from coatnet_export.errors import InputError
 from coatnet_export.export.pipeline import ExportOptions, run_export
 from coatnet_export.inspect import load_proto, metadata_of
 from coatnet_export.preprocess import list_images, load_images
+from coatnet_export.quantize.graph import OPENVINO_RECIPE
 from coatnet_export.runtimes import RunOptions, load_model
 
 from conftest import assert_clean_failure, listing
@@ -87,6 +88,11 @@ def relative(actual: np.ndarray, reference: np.ndarray) -> float:
     return float(np.abs(actual - reference).max() / np.abs(reference).max())
 
 
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """The share of inputs whose top-1 class is the same."""
+    return float((a.argmax(1) == b.argmax(1)).mean())
+
+
 def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     return float(((a * b).sum(axis=1) / norms).min())
@@ -114,8 +120,10 @@ def test_fp32_matches_onnxruntime(digits, held_out) -> None:
 @pytest.mark.parametrize("batch", [1, 3, 8])
 def test_int8_matches_onnxruntime(digits, held_out, batch: int) -> None:
     """The QDQ model as it is: OpenVINO fuses it its own way (its int8 logits are about 6e-2
-    off onnxruntime's, as far as each is from fp32), yet every prediction agrees. Batch 8: a
-    model reshaped to a static batch of 4, 6 or 8 gave wrong int8 logits (OpenVINO 2026.4.1)."""
+    off onnxruntime's, as far as each is from fp32), yet the predictions agree as the gate
+    asks (>= 99 %: one held-out digit has fp32 probabilities 0.36 / 0.33, which either int8
+    rounding may swap). Batch 8: a model reshaped to a static batch of 4, 6 or 8 gave wrong
+    int8 logits (OpenVINO 2026.4.1)."""
     export = digits["export"]
     fp32 = in_batches(load_model(export / "model.onnx"), held_out, 8)
     theirs = load_model(export / "model.int8.onnx", "onnxruntime", RunOptions(threads=2))
@@ -123,8 +131,7 @@ def test_int8_matches_onnxruntime(digits, held_out, batch: int) -> None:
     actual = in_batches(ours, held_out, batch)
     assert relative(actual, in_batches(ours, held_out, 2)) < 1e-4  # the batch changes nothing
     expected = in_batches(theirs, held_out, batch)
-    assert (actual.argmax(1) == expected.argmax(1)).all()
-    assert (actual.argmax(1) == fp32.argmax(1)).all()
+    assert agreement(actual, expected) >= 0.99 and agreement(actual, fp32) >= 0.99
     assert min_cosine(actual, expected) > 0.98
     assert min_cosine(actual, fp32) > 0.98
     assert relative(actual, fp32) < 2 * relative(expected, fp32)
@@ -202,8 +209,30 @@ def test_quantize_report_measured_in_openvino(digits, tmp_path: Path, run_cli) -
     assert result.code == 0, result.err
     assert any(line.split()[-1:] == ["openvino"] for line in result.out.splitlines())
     report = json.loads((export / "quantization.json").read_text())
-    assert report["runtime"] == "openvino"
-    assert report["agreement"]["top1"] == 1.0 and report["latency_ms"]["int8"] > 0
+    assert report["runtime"] == "openvino" and report["recipe"] == OPENVINO_RECIPE.name
+    assert report["agreement"]["top1"] >= 0.99 and report["latency_ms"]["int8"] > 0
+    # laid out for OpenVINO: attention as its products, and no int8 result requantized
+    int8 = load_proto(export / "model.int8.onnx")
+    producer = {o: n.op_type for n in int8.graph.node for o in n.output}
+    requantized = {
+        producer.get(n.input[0]) for n in int8.graph.node if n.op_type == "QuantizeLinear"
+    }
+    assert not requantized & {"Conv", "MatMul", "Gemm", "Attention"}
+    assert "Attention" not in producer.values() and "Softmax" in producer.values()
+    assert metadata_of(int8).quantization["runtime"] == "openvino"
+    # it is still the same model in onnxruntime, only slower there
+    held = np.stack(
+        [
+            a
+            for _, a, _ in load_images(
+                list_images([digits["test"]]), metadata_of(int8).preprocessing()
+            )
+        ]
+    )
+    fp32 = in_batches(load_model(export / "model.onnx"), held, 8)
+    for runtime in ("openvino", "onnxruntime"):
+        int8_logits = in_batches(load_model(export / "model.int8.onnx", runtime), held, 8)
+        assert agreement(int8_logits, fp32) >= 0.99 and min_cosine(int8_logits, fp32) > 0.98
 
 
 # --- scripts/infer.py ---------------------------------------------------------------------------
@@ -223,7 +252,10 @@ def test_infer_openvino_gives_onnxruntime_top1(digits, model: str, capsys) -> No
     path = digits["export"] / model
     theirs = infer_top1(capsys, path, digits["test"], "--batch-size", "3")
     ours = infer_top1(capsys, path, digits["test"], "--batch-size", "3", "--runtime", "openvino")
-    assert len(ours) == 100 and ours == theirs
+    assert len(ours) == len(theirs) == 100
+    differing = sum(ours[image] != theirs[image] for image in ours)
+    # int8: the two runtimes round differently; one held-out digit is a near tie in fp32
+    assert differing == 0 if model == "model.onnx" else differing <= 1
 
 
 def run_without_openvino(*args: object) -> subprocess.CompletedProcess:

@@ -28,12 +28,16 @@ MIN_TABLE_RATIO = 4
 positions (a relative-position bias has (2h-1)(2w-1) against (hw)^2)."""
 
 
-def prepare(model_path: Path, pre_path: Path, low_memory: bool = False) -> int:
+def prepare(
+    model_path: Path, pre_path: Path, low_memory: bool = False, split_attention: bool = False
+) -> int:
     """The preparation of onnxruntime's ``quant_pre_process``, file to file so that no copy of
     the weights is held in Python: onnxruntime's basic graph optimisations (constant folding of
     the weight reshapes and transposes) written to ``pre_path`` with its weights in
     ``pre_path.data``, the spatial means rewritten as pooling (:func:`pool_spatial_means`),
-    then ONNX shape inference; returns how many means were rewritten."""
+    with ``split_attention`` each fused attention as its products
+    (:func:`attention_as_matmuls`), then ONNX shape inference; returns how many means were
+    rewritten."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(pre_path)
@@ -47,6 +51,8 @@ def prepare(model_path: Path, pre_path: Path, low_memory: bool = False) -> int:
     ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     model = load_proto(pre_path)
     rewritten = pool_spatial_means(model)
+    if split_attention:
+        attention_as_matmuls(model)
     add_pre_process_metadata(model)
     onnx.save(model, str(pre_path))
     onnx.shape_inference.infer_shapes_path(str(pre_path), str(pre_path))
@@ -99,6 +105,99 @@ def pool_spatial_means(model: onnx.ModelProto) -> int:
     return rewritten
 
 
+def attention_as_matmuls(model: onnx.ModelProto) -> int:
+    """Rewrite each ONNX ``Attention`` node (opset 23; 3-D queries, keys and values with as
+    many key/value heads as query heads, an additive float mask or none, an explicit scale,
+    not causal, no soft cap, one output) as the products it computes: heads split by Reshape
+    and Transpose, MatMul, (Mul by the scale,) Add of the mask, Softmax, MatMul, heads merged.
+    Returns how many were rewritten; other Attention nodes are left as they are.
+
+    The same arithmetic (onnxruntime gives bit-identical logits) in the form OpenVINO runs
+    fastest: its ONNX reader turns the fused operator into a slower general subgraph.
+    """
+    graph = model.graph
+    masks = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info]}
+    masks.update({t.name: t.data_type for t in graph.initializer})
+    nodes, shapes, rewritten = [], {}, 0
+    for node in graph.node:
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if not _plain_attention(node, attributes, masks):
+            nodes.append(node)
+            continue
+        heads = attributes["q_num_heads"]
+        if heads not in shapes:
+            shapes[heads] = f"attention_{heads}_heads_shape"
+            graph.initializer.append(
+                numpy_helper.from_array(np.array([0, 0, heads, -1], np.int64), shapes[heads])
+            )
+        nodes += _attention_products(node, shapes[heads], attributes["scale"], graph)
+        rewritten += 1
+    if rewritten:
+        graph.initializer.append(
+            numpy_helper.from_array(np.array([0, 0, -1], np.int64), "attention_merge_shape")
+        )
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return rewritten
+
+
+def _plain_attention(node: onnx.NodeProto, attributes: dict, types: dict[str, int]) -> bool:
+    """Whether ``node`` is an Attention that :func:`attention_as_matmuls` can rewrite."""
+    if node.op_type != "Attention" or node.domain not in ("", "ai.onnx"):
+        return False
+    mask = node.input[3] if len(node.input) > 3 else ""
+    return (
+        len(node.input) <= 4
+        and sum(1 for name in node.output if name) == 1
+        and "scale" in attributes
+        and attributes.get("q_num_heads", 0) > 0
+        and attributes.get("q_num_heads") == attributes.get("kv_num_heads")
+        and not attributes.get("is_causal", 0)
+        and not attributes.get("softcap", 0.0)
+        and not attributes.get("qk_matmul_output_mode", 0)
+        and (not mask or types.get(mask) == TensorProto.FLOAT)
+    )
+
+
+def _attention_products(
+    node: onnx.NodeProto, heads_shape: str, scale: float, graph: onnx.GraphProto
+) -> list[onnx.NodeProto]:
+    """The nodes of one rewritten Attention (see :func:`attention_as_matmuls`)."""
+    prefix = node.name or node.output[0]
+    query, key, value = node.input[:3]
+    mask = node.input[3] if len(node.input) > 3 else ""
+
+    def step(op: str, inputs: list[str], name: str, **attrs) -> onnx.NodeProto:
+        return helper.make_node(op, inputs, [f"{prefix}_{name}"], f"{prefix}_{name}", **attrs)
+
+    nodes = [
+        step("Reshape", [query, heads_shape], "q_heads"),
+        step("Transpose", [f"{prefix}_q_heads"], "q", perm=[0, 2, 1, 3]),
+        step("Reshape", [key, heads_shape], "k_heads"),
+        step("Transpose", [f"{prefix}_k_heads"], "k_t", perm=[0, 2, 3, 1]),
+        step("Reshape", [value, heads_shape], "v_heads"),
+        step("Transpose", [f"{prefix}_v_heads"], "v", perm=[0, 2, 1, 3]),
+        step("MatMul", [f"{prefix}_q", f"{prefix}_k_t"], "scores"),
+    ]
+    if scale != 1.0:
+        graph.initializer.append(
+            numpy_helper.from_array(np.array(scale, np.float32), f"{prefix}_scale")
+        )
+        nodes.append(step("Mul", [nodes[-1].output[0], f"{prefix}_scale"], "scaled"))
+    if mask:
+        nodes.append(step("Add", [nodes[-1].output[0], mask], "biased"))
+    nodes += [
+        step("Softmax", [nodes[-1].output[0]], "weights", axis=-1),
+        step("MatMul", [f"{prefix}_weights", f"{prefix}_v"], "heads_out"),
+        step("Transpose", [f"{prefix}_heads_out"], "tokens_out", perm=[0, 2, 1, 3]),
+    ]
+    merge = helper.make_node(
+        "Reshape", [f"{prefix}_tokens_out", "attention_merge_shape"], [node.output[0]],
+        f"{prefix}_merge",
+    )  # fmt: skip
+    return [*nodes, merge]
+
+
 def activation_matmuls(proto: onnx.ModelProto) -> list[str]:
     """MatMul nodes with no constant input: attention's q.k^T and weights.v products."""
     constants = {t.name for t in proto.graph.initializer}
@@ -128,7 +227,7 @@ def non_gate_muls(proto: onnx.ModelProto) -> list[str]:
 
 @dataclass(frozen=True)
 class Recipe:
-    """Which operations static quantization turns into int8."""
+    """Which operations static quantization turns into int8, and which int8 results stay float."""
 
     name: str
     op_types: tuple[str, ...] | None
@@ -138,6 +237,14 @@ class Recipe:
     """Keep attention's activation x activation MatMuls (q.k^T, weights.v) in float."""
     float_first_last: bool = False
     """Keep the first convolution (stem) and the last linear layer (head) in float."""
+    split_attention: bool = False
+    """Rewrite fused ONNX ``Attention`` as its MatMul / Softmax products before quantizing
+    (they stay float): OpenVINO runs those faster (:func:`attention_as_matmuls`)."""
+    float_outputs: tuple[str, ...] = ()
+    """Op types whose int8 arithmetic hands its result on in float, with no QuantizeLinear /
+    DequantizeLinear pair after it: the kernel dequantizes its own accumulators (onnxruntime's
+    MatMulIntegerToFloat; OpenVINO's convolutions and fully connected layers, which fuse the
+    dequantisation, the GELU and the next quantisation). The ranges are unchanged."""
 
     def exclusions(self, proto: onnx.ModelProto) -> list[str]:
         """Nodes of ``proto`` of a quantized op type that this recipe keeps float."""
@@ -149,20 +256,48 @@ class Recipe:
             excluded += list(dict.fromkeys([arithmetic[0], arithmetic[-1]]))
         return excluded
 
+    def extra_options(self) -> dict[str, object]:
+        """The recipe's part of ``quantize_static``'s ``extra_options``."""
+        if not self.float_outputs:
+            return {}
+        return {"OpTypesToExcludeOutputQuantization": list(self.float_outputs)}
+
 
 POOLS_AND_GATES = (*ARITHMETIC, "MaxPool", "GlobalAveragePool", "Mul")
-DEFAULT_RECIPE = Recipe("arithmetic+pools+gates, float stem+head", POOLS_AND_GATES, True, True)
-"""Convolutions, linear layers, the pools and the squeeze-excitation gates in int8, so the
-MBConv blocks stay int8 between convolutions except around GELU; the stem convolution and the
-head, LayerNormalization, Softmax, GELU, attention's products and the bias and residual Adds
-stay float (scripts/bench_quantize.py measures the alternatives: a float stem and head cost no
-speed and raise the fixture's smallest cosine similarity)."""
+DEFAULT_RECIPE = Recipe(
+    "arithmetic+pools+gates, float stem+head, float MatMul outputs",
+    POOLS_AND_GATES,
+    float_first_last=True,
+    float_outputs=("MatMul",),
+)
+"""For onnxruntime. Convolutions, linear layers, the pools and the squeeze-excitation gates in
+int8, so the MBConv blocks stay int8 between convolutions except around GELU; the stem
+convolution and the head, LayerNormalization, Softmax, GELU, attention and the bias and
+residual Adds stay float. The Transformer blocks' MatMuls hand on float results
+(MatMulIntegerToFloat): what reads them (attention, the bias and residual Adds, GELU) is float
+anyway, so a QuantizeLinear -> DequantizeLinear pair after each only cost time (coatnet_0
+1.51x -> 1.62x at batch 1, 1.45x -> 1.69x at batch 8, same cosine similarity;
+scripts/bench_quantize.py --recipes compares the alternatives)."""
+OPENVINO_RECIPE = Recipe(
+    "arithmetic+pools+gates, float stem+head, float Conv/MatMul/Gemm outputs, split attention",
+    POOLS_AND_GATES,
+    float_first_last=True,
+    split_attention=True,
+    float_outputs=ARITHMETIC,
+)
+"""For OpenVINO: the same int8 operations, but no int8 result is requantized before its
+activation, and attention as its products. OpenVINO then fuses convolution -> GELU ->
+quantization into one int8 kernel with an int8 output; onnxruntime cannot (its Conv would run
+in float: no faster than fp32 with this graph)."""
+RUNTIME_RECIPES = {"onnxruntime": DEFAULT_RECIPE, "openvino": OPENVINO_RECIPE}
+"""The recipe whose graph each runtime runs fastest (``quantize --runtime``)."""
 RECIPES = (
     DEFAULT_RECIPE,
+    OPENVINO_RECIPE,
+    Recipe("arithmetic+pools+gates, float stem+head", POOLS_AND_GATES, float_first_last=True),
     Recipe("arithmetic+pools+gates", POOLS_AND_GATES),
-    Recipe("arithmetic", ARITHMETIC),
-    Recipe("arithmetic+attention", ARITHMETIC, False),
-    Recipe("onnxruntime-default", None),
+    Recipe("arithmetic (Conv, MatMul, Gemm)", ARITHMETIC),
+    Recipe("onnxruntime's default op set", None),
 )
 FALLBACK_OPS = (*ARITHMETIC, "Mul")
 """Op types the accuracy fallback returns to float (pooling is as exact in int8)."""

@@ -58,6 +58,7 @@ from coatnet_export.quantize.evaluate import (
 from coatnet_export.quantize.graph import (
     DEFAULT_RECIPE,
     DYNAMIC_OPS,
+    RUNTIME_RECIPES,
     Recipe,
     compact_biases,
     nodes_to_float,
@@ -105,7 +106,9 @@ class QuantOptions:
     threads: int | None = None
     latency_runs: int = 20
     runtime: str = "onnxruntime"
-    """Where the report's agreement and latency are measured (onnxruntime or openvino)."""
+    """The runtime the int8 model is for (onnxruntime or openvino): its graph is laid out for
+    that runtime's kernels (graph.RUNTIME_RECIPES), and the report's agreement and latency
+    are measured there."""
     seed: int = 0
     dynamic_hint: str = "--mode dynamic"
     """How the command that runs this spells dynamic quantization (for error messages)."""
@@ -315,7 +318,11 @@ def quantize_once(
                 calibrate_method=METHODS[opts.method],
                 calibration_cache_path=cache,
                 use_external_data_format=True,
-                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+                extra_options={
+                    "ActivationSymmetric": False,
+                    "WeightSymmetric": True,
+                    **recipe.extra_options(),
+                },
             )
     model = onnx.load(str(raw))
     for path in (raw, raw.with_name(f"{raw.name}.data")):
@@ -419,7 +426,7 @@ def quantize_in(
     batched = replace(source.plan(opts.threads, EVAL_BATCH), runtime=opts.runtime)
     pre = work / "pre.onnx"
     progress("preparing the fp32 model (onnxruntime basic optimisation, shape inference)")
-    prepare(source.model_path, pre, plan.low_memory)
+    prepare(source.model_path, pre, plan.low_memory, RUNTIME_RECIPES[opts.runtime].split_attention)
     cache = None
     if data.calibration is not None:
         count = len(data.calibration)
@@ -427,7 +434,7 @@ def quantize_in(
         cache = calibrate(
             pre,
             data.calibration,
-            DEFAULT_RECIPE.op_types,
+            RUNTIME_RECIPES[opts.runtime].op_types,
             opts.method,
             plan,
             progress.counter("calibrated", count),
@@ -473,8 +480,9 @@ def quantize_until_gate(
     Returns every attempt, the fallback steps and the bytes the bias compaction saved."""
     plan = source.plan(opts.threads)
     batched = replace(source.plan(opts.threads, EVAL_BATCH), runtime=opts.runtime)
+    recipe = RUNTIME_RECIPES[opts.runtime]
     proto = onnx.load(str(pre), load_external_data=False)
-    exclude = DEFAULT_RECIPE.exclusions(proto) if opts.mode == "static" else []
+    exclude = recipe.exclusions(proto) if opts.mode == "static" else []
     del proto
     attempts: list[Attempt] = []
     steps: list[list[str]] = []
@@ -482,7 +490,7 @@ def quantize_until_gate(
         path = work / f"int8-{len(attempts)}.onnx"
         step_note = f", fallback step {len(steps)}" if steps else ""
         progress(f"quantizing ({opts.mode}{step_note})")
-        compact = quantize_once(pre, path, opts, choice, cache, exclude)
+        compact = quantize_once(pre, path, opts, choice, cache, exclude, recipe)
         int8 = logits(path, data.evaluation, batched)
         result = agreement(reference, int8, data.evaluation.targets)
         attempts.append(Attempt(path, list(exclude), result))

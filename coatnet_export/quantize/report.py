@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from coatnet_export.quantize.evaluate import Agreement, Gate
-from coatnet_export.quantize.graph import DEFAULT_RECIPE, DYNAMIC_OPS
+from coatnet_export.quantize.graph import DYNAMIC_OPS, RUNTIME_RECIPES
 from coatnet_export.quantize.presets import QuantChoice
 
 if TYPE_CHECKING:
@@ -42,7 +42,10 @@ class QuantReport:
     files: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     runtime: str = "onnxruntime"
-    """Where the agreement and the latency were measured."""
+    """The runtime the int8 graph is laid out for, where the agreement and the latency were
+    measured."""
+    recipe: str | None = None
+    """The name of the static recipe (graph.Recipe), None for dynamic quantization."""
 
     @classmethod
     def build(
@@ -74,13 +77,13 @@ class QuantReport:
                 "low-memory sessions (no weight pre-packing), slower than deployment with "
                 "default sessions"
             )
-        static = opts.mode == "static"
+        recipe = RUNTIME_RECIPES[opts.runtime] if opts.mode == "static" else None
         return cls(
             mode=opts.mode,
-            quantized_ops=list(DEFAULT_RECIPE.op_types if static else DYNAMIC_OPS),
+            quantized_ops=list(recipe.op_types if recipe else DYNAMIC_OPS),
             choice=choice,
             calibration=data.calibration_source,
-            calibration_method=opts.method if static else None,
+            calibration_method=opts.method if recipe else None,
             gate={
                 "metric": gate.metric,
                 "threshold": gate.threshold,
@@ -100,6 +103,7 @@ class QuantReport:
             passed=gate.passed(final.result),
             notes=notes,
             runtime=plan.runtime,
+            recipe=recipe.name if recipe else None,
         )
 
     def as_dict(self) -> dict:
@@ -116,7 +120,7 @@ class QuantReport:
                 f"{self.choice.reduce_range}",
             ),
             ("gate", f"{self.gate['metric']} >= {self.gate['threshold']}"),
-            ("measured in", self.runtime),
+            ("for and measured in", self.runtime),
             ("top-1 agreement", a.top1),
             ("top-5 agreement", a.top5),
             ("min / mean cosine", f"{a.min_cosine:.5f} / {a.mean_cosine:.5f}"),
@@ -155,6 +159,8 @@ def metadata_quantization(report: QuantReport) -> dict:
     ``info`` and scripts/infer.py compare with the CPU they run on."""
     return {
         "mode": report.mode,
+        "runtime": report.runtime,
+        "recipe": report.recipe,
         "quantized_ops": report.quantized_ops,
         "target_cpu": report.choice.target_cpu,
         "activation_type": report.choice.activation_type,
