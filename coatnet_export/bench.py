@@ -158,7 +158,7 @@ def model_target(name: str, path, runtime: str = "onnxruntime", precision: str =
     from coatnet_export.runtimes import RunOptions, load_model
 
     def make_runner(threads: int):
-        options = RunOptions(threads, spinning=True, precision=precision)
+        options = RunOptions(threads, precision=precision)
         return load_model(path, runtime, options).run
 
     label = runtime if precision == "f32" else f"{runtime} {precision}"

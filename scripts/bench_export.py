@@ -88,10 +88,10 @@ def latency(workdir: Path, threads: int, runs: int) -> tuple[list[dict], dict]:
     macs = variant_cost(get_variant("coatnet_0")).macs
     feed = x.numpy()
     sessions = {
-        f"onnx (coatnet-export, {attention} attention)": make_session(path, threads, False)
+        f"onnx (coatnet-export, {attention} attention)": make_session(path, threads)
         for attention, path in ours.items()
     }
-    sessions["onnx (plain torch.onnx.export)"] = make_session(plain_path, threads, False)
+    sessions["onnx (plain torch.onnx.export)"] = make_session(plain_path, threads)
     candidates = {
         name: (lambda s=s: s.run(None, {s.get_inputs()[0].name: feed}))
         for name, s in sessions.items()

@@ -10,15 +10,19 @@
    photographs; 16 other crops are held out). The table: wall time and peak RSS of the
    quantize command (the kernel's rusage), peak RSS over the fp32 weight bytes, int8 size over
    fp32 size, the gate's metric and value, top-1 agreement, and the batch-1 speed-up.
-2. Recipes (``--recipes``): for each quantization recipe (which ops become int8), coatnet_0
-   int8 vs fp32 p50 latency at batch 1 and 8, fp32 and every recipe interleaved in one run;
-   and on the digits fixture (trained, see scripts/train_fixture.py) top-1 agreement with
-   fp32, accuracy of both and the smallest cosine similarity over the 360 held-out images.
+2. Recipes (``--recipes``): for each quantization recipe (which ops become int8, which int8
+   results stay float, whether attention is split), coatnet_0 int8 vs fp32 p50 latency at
+   batch 1 and 8 in onnxruntime and, where it is installed, OpenVINO (fp32 and every recipe
+   interleaved in one run per runtime and batch); and on the digits fixture (trained, see
+   scripts/train_fixture.py), in onnxruntime, top-1 agreement with fp32, accuracy of both and
+   the smallest cosine similarity over the 360 held-out images.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import itertools
 import json
 import sys
 import tempfile
@@ -37,6 +41,7 @@ from coatnet_export.quantize.evaluate import agreement, latency, logits
 from coatnet_export.quantize.graph import RECIPES, prepare
 from coatnet_export.quantize.pipeline import QuantOptions, quantize_once
 from coatnet_export.quantize.presets import choose_types
+from coatnet_export.runtimes import RUNTIMES
 from models import VARIANTS, get_variant
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,10 +179,14 @@ def bench_recipes(work: Path, args) -> list[dict]:
     held_out, _ = image_inputs(work / "digits_test", PREPROCESSING, labels, 1000)
     plan = SessionPlan(args.threads, False, 1, False)
     choice = choose_types("auto")
-    caches = {}
+    prepared = {}  # (model, split attention) -> (prepared model, calibration cache)
     for model, inputs in ((c0, photos), (digits, calibration)):
-        prepare(model / "model.onnx", model / "pre.onnx")
-        caches[model] = calibrate(model / "pre.onnx", inputs, None, "minmax", plan, lambda n: None)
+        for split_attention in sorted({r.split_attention for r in RECIPES}):
+            folder = model / f"prepared-{int(split_attention)}"
+            folder.mkdir()
+            prepare(model / "model.onnx", folder / "pre.onnx", split_attention=split_attention)
+            cache = calibrate(folder / "pre.onnx", inputs, None, "minmax", plan, lambda n: None)
+            prepared[model, split_attention] = folder / "pre.onnx", cache
     reference = logits(digits / "model.onnx", held_out, SessionPlan(args.threads, False, 8, False))
     rows, c0_int8 = [], {}
     for index, recipe in enumerate(RECIPES):
@@ -185,13 +194,9 @@ def bench_recipes(work: Path, args) -> list[dict]:
         outputs = {}
         for model in (c0, digits):
             outputs[model] = model / f"recipe{index}.onnx"
-            exclude = recipe.exclusions(
-                onnx.load(str(model / "pre.onnx"), load_external_data=False)
-            )
-            quantize_once(
-                model / "pre.onnx", outputs[model], QuantOptions(), choice, caches[model],
-                exclude, recipe,
-            )  # fmt: skip
+            pre, cache = prepared[model, recipe.split_attention]
+            exclude = recipe.exclusions(onnx.load(str(pre), load_external_data=False))
+            quantize_once(pre, outputs[model], QuantOptions(), choice, cache, exclude, recipe)
         c0_int8[recipe.name] = outputs[c0]
         int8 = logits(outputs[digits], held_out, SessionPlan(args.threads, False, 8, False))
         agree = agreement(reference, int8, held_out.targets)
@@ -204,16 +209,17 @@ def bench_recipes(work: Path, args) -> list[dict]:
                 "min_cosine": agree.min_cosine,
             }
         )
-    for batch in (1, 8):
-        print(f"timing fp32 and every recipe, batch {batch} ...", file=sys.stderr)
+    runtimes = [r for r in RUNTIMES if importlib.util.find_spec(r) is not None]
+    for runtime, batch in itertools.product(runtimes, (1, 8)):
+        print(f"timing fp32 and every recipe in {runtime}, batch {batch} ...", file=sys.stderr)
         timed = {"fp32": c0 / "model.onnx", **c0_int8}
-        ms = latency(
-            timed, (3, 224, 224), SessionPlan(args.threads, False, batch, False), args.runs
-        )
+        plan = SessionPlan(args.threads, False, batch, False, runtime)
+        ms = latency(timed, (3, 224, 224), plan, args.runs)
+        short = "ort" if runtime == "onnxruntime" else "ov"
         for row in rows:
-            row[f"fp32_ms_b{batch}"] = ms["fp32"]
-            row[f"int8_ms_b{batch}"] = ms[row["recipe"]]
-            row[f"speedup_b{batch}"] = ms["fp32"] / ms[row["recipe"]]
+            row[f"{short}_fp32_ms_b{batch}"] = ms["fp32"]
+            row[f"{short}_int8_ms_b{batch}"] = ms[row["recipe"]]
+            row[f"{short}_speedup_b{batch}"] = ms["fp32"] / ms[row["recipe"]]
     return rows
 
 

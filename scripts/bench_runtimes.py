@@ -157,9 +157,7 @@ def run(args: argparse.Namespace) -> int:
     batches, threads = args.batch or [1, 8], args.threads or [2]
     with tempfile.TemporaryDirectory(prefix="bench-runtimes-") as tmp:
         work = Path(tmp)
-        models = args.models or export_and_quantize(
-            args.variant, work, args.calibration_images
-        )
+        models = args.models or export_and_quantize(args.variant, work, args.calibration_images)
         plan = plan_bench(models, None, None, not args.no_torch, work, say, RUNTIMES)
         rows, peaks = benchmark(
             plan.targets, plan.input_shape, batches, threads, args.runs, args.warmup,

@@ -129,14 +129,24 @@ def int8_warnings(quantization: dict, cpu: dict) -> list[str]:
     return warnings
 
 
-def warn_int8_target(session: ort.InferenceSession) -> None:
-    """On stderr, the ways this CPU costs an int8 model accuracy (see int8_warnings)."""
+def warn_int8_target(session: ort.InferenceSession, runtime: str) -> None:
+    """On stderr: an int8 model laid out for another runtime (it runs, slower), and in
+    onnxruntime the ways this CPU costs it accuracy (see int8_warnings)."""
     recorded = session.get_modelmeta().custom_metadata_map.get("quantization")
     try:
         quantization = json.loads(recorded) if recorded else None
     except json.JSONDecodeError:
         return
-    if isinstance(quantization, dict):
+    if not isinstance(quantization, dict):
+        return
+    laid_out_for = quantization.get("runtime", "onnxruntime")
+    if laid_out_for != runtime:
+        print(
+            f"warning: this int8 model is laid out for {laid_out_for}: {runtime} runs it, but "
+            f"slower (quantize with --runtime {runtime} for a model laid out for it)",
+            file=sys.stderr,
+        )
+    if runtime == "onnxruntime":  # the CPU warnings describe onnxruntime's int8 kernels
         for warning in int8_warnings(quantization, read_cpu()):
             print(f"warning: {warning}", file=sys.stderr)
 
@@ -368,8 +378,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 def classify(args: argparse.Namespace) -> int:
     session = open_session(args.model, args.threads, args.runtime, args.precision)
-    if args.runtime == "onnxruntime":  # the warnings describe onnxruntime's int8 kernels
-        warn_int8_target(session)
+    warn_int8_target(session, args.runtime)
     model_input = session.get_inputs()[0]
     if is_e2e(model_input):
         if args.size or args.mean or args.std or args.crop_pct or args.interpolation:

@@ -197,7 +197,7 @@ def test_bench_times_both_runtimes_side_by_side(digits, tmp_path: Path, run_cli)
 
 
 @needs_openvino
-def test_quantize_report_measured_in_openvino(digits, tmp_path: Path, run_cli) -> None:
+def test_quantize_for_openvino(digits, tmp_path: Path, run_cli, capsys) -> None:
     export = tmp_path / "export"
     export.mkdir()
     for name in ("model.onnx", "manifest.json"):
@@ -233,6 +233,17 @@ def test_quantize_report_measured_in_openvino(digits, tmp_path: Path, run_cli) -
     for runtime in ("openvino", "onnxruntime"):
         int8_logits = in_batches(load_model(export / "model.int8.onnx", runtime), held, 8)
         assert agreement(int8_logits, fp32) >= 0.99 and min_cosine(int8_logits, fp32) > 0.98
+    # infer.py says so when a runtime runs an int8 model laid out for the other one
+    images = digits["test"] / "7"
+    for model, runtime, warned in (
+        (export / "model.int8.onnx", "onnxruntime", True),
+        (export / "model.int8.onnx", "openvino", False),
+        (digits["export"] / "model.int8.onnx", "onnxruntime", False),
+    ):
+        capsys.readouterr()
+        assert load_script().main([str(model), str(images), "--runtime", runtime, "--json"]) == 0
+        err = capsys.readouterr().err
+        assert ("laid out for openvino" in err) == warned, err
 
 
 # --- scripts/infer.py ---------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def bench(
 
     MODELS are .onnx files or export directories (whose model.onnx and model.int8.onnx are
     both taken); each runs in every --runtime. Runs are interleaved across targets, after
-    warm-up, with onnxruntime's spinning threads disabled so one runtime cannot slow the next.
+    warm-up, each runtime as deployed (onnxruntime's worker threads spin between operators).
     """
     import os
     import tempfile

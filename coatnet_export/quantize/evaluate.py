@@ -136,10 +136,11 @@ def latency(
     runs: int,
 ) -> dict[str, float]:
     """Median milliseconds per run of each named model on a batch of ``plan.batch``, all timed
-    interleaved; for a low-memory plan one model after another, so that only one model's
-    weights are held."""
+    interleaved, in sessions as deployed (onnxruntime's spinning threads, see
+    bench.model_target); for a low-memory plan one model after another, so that only one
+    model's weights are held."""
     x = np.random.default_rng(0).standard_normal((plan.batch, *input_shape), dtype=np.float32)
-    options = RunOptions(plan.threads, spinning=False, low_memory=plan.low_memory)
+    options = RunOptions(plan.threads, low_memory=plan.low_memory)
     groups = [[name] for name in models] if plan.low_memory else [list(models)]
     medians = {}
     for group in groups:

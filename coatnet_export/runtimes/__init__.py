@@ -26,8 +26,6 @@ class RunOptions:
 
     threads: int | None = None
     """Intra-op threads (None: the runtime's default, all cores)."""
-    spinning: bool = True
-    """Let idle worker threads spin (off for fair interleaved timing)."""
     low_memory: bool = False
     """Hold the weights once: no pre-packing, no arena (large models; onnxruntime only)."""
     precision: str = "f32"
