@@ -116,12 +116,12 @@ def attention_as_matmuls(model: onnx.ModelProto) -> int:
     fastest: its ONNX reader turns the fused operator into a slower general subgraph.
     """
     graph = model.graph
-    masks = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info]}
-    masks.update({t.name: t.data_type for t in graph.initializer})
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info]}
+    types.update({t.name: t.data_type for t in graph.initializer})
     nodes, shapes, rewritten = [], {}, 0
     for node in graph.node:
         attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if not _plain_attention(node, attributes, masks):
+        if not _plain_attention(node, attributes, types):
             nodes.append(node)
             continue
         heads = attributes["q_num_heads"]

@@ -113,6 +113,11 @@ class QuantOptions:
     dynamic_hint: str = "--mode dynamic"
     """How the command that runs this spells dynamic quantization (for error messages)."""
 
+    @property
+    def recipe(self) -> Recipe:
+        """The static recipe for :attr:`runtime` (graph.RUNTIME_RECIPES)."""
+        return RUNTIME_RECIPES[self.runtime]
+
 
 @dataclass
 class Source:
@@ -426,7 +431,8 @@ def quantize_in(
     batched = replace(source.plan(opts.threads, EVAL_BATCH), runtime=opts.runtime)
     pre = work / "pre.onnx"
     progress("preparing the fp32 model (onnxruntime basic optimisation, shape inference)")
-    prepare(source.model_path, pre, plan.low_memory, RUNTIME_RECIPES[opts.runtime].split_attention)
+    split = opts.mode == "static" and opts.recipe.split_attention
+    prepare(source.model_path, pre, plan.low_memory, split)
     cache = None
     if data.calibration is not None:
         count = len(data.calibration)
@@ -434,7 +440,7 @@ def quantize_in(
         cache = calibrate(
             pre,
             data.calibration,
-            RUNTIME_RECIPES[opts.runtime].op_types,
+            opts.recipe.op_types,
             opts.method,
             plan,
             progress.counter("calibrated", count),
@@ -480,9 +486,8 @@ def quantize_until_gate(
     Returns every attempt, the fallback steps and the bytes the bias compaction saved."""
     plan = source.plan(opts.threads)
     batched = replace(source.plan(opts.threads, EVAL_BATCH), runtime=opts.runtime)
-    recipe = RUNTIME_RECIPES[opts.runtime]
     proto = onnx.load(str(pre), load_external_data=False)
-    exclude = recipe.exclusions(proto) if opts.mode == "static" else []
+    exclude = opts.recipe.exclusions(proto) if opts.mode == "static" else []
     del proto
     attempts: list[Attempt] = []
     steps: list[list[str]] = []
@@ -490,7 +495,7 @@ def quantize_until_gate(
         path = work / f"int8-{len(attempts)}.onnx"
         step_note = f", fallback step {len(steps)}" if steps else ""
         progress(f"quantizing ({opts.mode}{step_note})")
-        compact = quantize_once(pre, path, opts, choice, cache, exclude, recipe)
+        compact = quantize_once(pre, path, opts, choice, cache, exclude, opts.recipe)
         int8 = logits(path, data.evaluation, batched)
         result = agreement(reference, int8, data.evaluation.targets)
         attempts.append(Attempt(path, list(exclude), result))

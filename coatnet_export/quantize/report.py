@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from coatnet_export.quantize.evaluate import Agreement, Gate
-from coatnet_export.quantize.graph import DYNAMIC_OPS, RUNTIME_RECIPES
+from coatnet_export.quantize.graph import DYNAMIC_OPS
 from coatnet_export.quantize.presets import QuantChoice
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ class QuantReport:
                 "low-memory sessions (no weight pre-packing), slower than deployment with "
                 "default sessions"
             )
-        recipe = RUNTIME_RECIPES[opts.runtime] if opts.mode == "static" else None
+        recipe = opts.recipe if opts.mode == "static" else None
         return cls(
             mode=opts.mode,
             quantized_ops=list(recipe.op_types if recipe else DYNAMIC_OPS),
