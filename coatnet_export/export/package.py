@@ -38,6 +38,8 @@ class GraphSummary:
     output_shape: list[int | str]
     external_data: bool
     files: list[str]
+    weight_bytes: int
+    """Bytes of the initializers, wherever they are stored."""
 
 
 def data_file(model_path: Path) -> Path:
@@ -241,4 +243,5 @@ def check_model(path: Path) -> GraphSummary:
         output_shape=shape,
         external_data=external,
         files=files,
+        weight_bytes=sum(_tensor_bytes(t) for t in graph.initializer),
     )

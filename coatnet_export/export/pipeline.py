@@ -44,6 +44,7 @@ from coatnet_export.output import (
     staging,
 )
 from coatnet_export.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from coatnet_export.runtimes import LOW_MEMORY_BYTES
 from coatnet_export.sources.checkpoint import CheckpointFormat, StateDict, read_checkpoint
 from coatnet_export.sources.model_source import (
     ModelSpec,
@@ -340,7 +341,7 @@ def build_and_publish(
                     cases,
                     opts.gates,
                     threads=opts.threads,
-                    low_memory=graph.external_data,
+                    low_memory=graph.weight_bytes >= LOW_MEMORY_BYTES,
                 )
         passed = all(r.passed for r in results)
         timings["total_s"] = round(time.perf_counter() - clock, 2)

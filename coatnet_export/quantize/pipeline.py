@@ -66,15 +66,13 @@ from coatnet_export.quantize.graph import (
 )
 from coatnet_export.quantize.presets import QuantChoice, choose_types
 from coatnet_export.quantize.report import QuantReport, metadata_quantization
-from coatnet_export.runtimes import check_runtime
+from coatnet_export.runtimes import LOW_MEMORY_BYTES, check_runtime
 
 INT8_FILE = "model.int8.onnx"
 REPORT_FILE = "quantization.json"
 MANIFEST_FILE = "manifest.json"
 WORK_PREFIX = ".quantize-"
 TYPES = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
-LOW_MEMORY_BYTES = 2**30
-"""fp32 weights from this size on run in low-memory onnxruntime sessions (weights held once)."""
 SQNR_SAMPLES = 8
 """Held-out inputs the per-tensor SQNR is measured on."""
 RANDOM_EVAL_SAMPLES = 32

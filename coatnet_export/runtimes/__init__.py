@@ -18,6 +18,9 @@ from coatnet_export.errors import InputError
 
 RUNTIMES = ("onnxruntime", "openvino")
 """Runtime names accepted by ``--runtime``."""
+LOW_MEMORY_BYTES = 2**30
+"""fp32 weights from this size on run in low-memory onnxruntime sessions (weights held once:
+pre-packing would add a copy of every matrix, 2.3 -> 2.7-3.0 GiB peak for coatnet_4)."""
 
 
 @dataclass(frozen=True)
