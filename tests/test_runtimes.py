@@ -244,6 +244,16 @@ def test_quantize_for_openvino(digits, tmp_path: Path, run_cli, capsys) -> None:
         assert load_script().main([str(model), str(images), "--runtime", runtime, "--json"]) == 0
         err = capsys.readouterr().err
         assert ("laid out for openvino" in err) == warned, err
+    # so do the package targets that run it: e2e in onnxruntime, Triton as configured
+    result = run_cli("package", export, "--target", "e2e")
+    assert result.code == 0 and "laid out for openvino" in result.out, result.err
+    if importlib.util.find_spec("tritonclient") is not None:
+        for flags, noted in (([], True), (["--openvino"], False)):
+            repo = tmp_path / f"repo{len(flags)}"
+            result = run_cli(
+                "package", export, "--target", "triton", "--output", repo, "--int8", *flags
+            )
+            assert result.code == 0 and ("laid out for openvino" in result.out) == noted, result.err
 
 
 # --- scripts/infer.py ---------------------------------------------------------------------------

@@ -83,6 +83,26 @@ def export_metadata(export_dir: Path) -> ExportMetadata:
     return metadata
 
 
+def int8_layout_notes(export_dir: Path, runtime: str) -> list[str]:
+    """A note when the export's int8 model is laid out for another runtime than the
+    ``runtime`` a target runs it in (``quantize --runtime``): it runs, but slower."""
+    import onnx
+
+    from coatnet_export.inspect import metadata_of
+
+    path = export_dir / INT8_FILE
+    if not path.is_file():
+        return []
+    metadata = metadata_of(onnx.load(str(path), load_external_data=False), path)
+    laid_out_for = ((metadata and metadata.quantization) or {}).get("runtime", "onnxruntime")
+    if laid_out_for == runtime:
+        return []
+    return [
+        f"{INT8_FILE} is laid out for {laid_out_for}, and {runtime} runs it slower (for "
+        f"onnxruntime, no faster than fp32): quantize with --runtime {runtime} for this target"
+    ]
+
+
 TARGETS: dict[str, Target] = {
     "e2e": Target(
         "e2e",

@@ -43,6 +43,7 @@ from coatnet_export.targets import (
     PackageRequest,
     PackageResult,
     export_metadata,
+    int8_layout_notes,
 )
 
 E2E_FILES = {MODEL_FILE: "model.e2e.onnx", INT8_FILE: "model.e2e.int8.onnx"}
@@ -446,6 +447,7 @@ def build(request: PackageRequest) -> PackageResult:
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     record_artefacts(export_dir, _artefacts(result.files, export_dir))
+    result.notes += int8_layout_notes(export_dir, "onnxruntime")  # e2e runs in onnxruntime only
     result.notes.append(
         f"measured on {len(images)} "
         + ("given image(s)" if paths else "generated image(s) (--check-images for your photos)")

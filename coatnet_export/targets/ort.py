@@ -25,7 +25,12 @@ from coatnet_export.errors import GateFailed, InputError
 from coatnet_export.export.package import data_file
 from coatnet_export.metadata import ExportMetadata, record_artefacts
 from coatnet_export.output import check_destination, publish, staging
-from coatnet_export.targets import PackageRequest, PackageResult, export_metadata
+from coatnet_export.targets import (
+    PackageRequest,
+    PackageResult,
+    export_metadata,
+    int8_layout_notes,
+)
 
 ORT_DIR = "ort"
 MODELS = {
@@ -279,6 +284,8 @@ def build(request: PackageRequest) -> PackageResult:
         publish(stage, final)
     result.files = [final / name for name in written]
     record_artefacts(export_dir, _artefacts(written, models, style))
+    if any(".int8." in model.name for model in models.values()):
+        result.notes += int8_layout_notes(export_dir, "onnxruntime")
     result.notes.append(
         f"optimised for {platform} ({style} style); a reduced onnxruntime build takes "
         f"{final / _config_name(style)}"

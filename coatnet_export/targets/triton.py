@@ -34,6 +34,7 @@ from coatnet_export.targets import (
     PackageRequest,
     PackageResult,
     export_metadata,
+    int8_layout_notes,
 )
 
 PLATFORM = "onnxruntime_onnx"
@@ -245,4 +246,7 @@ def build(request: PackageRequest) -> PackageResult:
         f"-v {request.output.resolve()}:/models {SERVER_IMAGE} "
         "tritonserver --model-repository=/models",
     ]
+    if options.int8:
+        runtime = "openvino" if options.openvino else "onnxruntime"
+        notes += int8_layout_notes(request.export_dir, runtime)
     return PackageResult(files=[folder], rows=summary_rows(config), notes=notes)
