@@ -31,6 +31,8 @@ class LatencyStats:
     p99_ms: float
     images_per_s: float
     gflops_per_s: float | None = None
+    pct_of_peak: float | None = None
+    """GFLOP/s as a share of the 2048² fp32 matmul's, timed in the same interleaved rounds."""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -67,11 +69,14 @@ def summarize(
     threads: int,
     macs_per_image: int | None = None,
     runtime: str = "onnxruntime",
+    peak_gflops: float | None = None,
 ) -> LatencyStats:
-    """Percentiles in milliseconds, throughput, and achieved GFLOP/s (2 FLOPs per MAC)."""
+    """Percentiles in milliseconds, throughput, achieved GFLOP/s (2 FLOPs per MAC) and, given
+    the matmul rate of the same rounds, their share of it."""
     ms = np.asarray(seconds) * 1000
     p50 = float(np.percentile(ms, 50))
     gflops = None if macs_per_image is None else 2 * macs_per_image * batch / (p50 / 1000) / 1e9
+    share = None if gflops is None or not peak_gflops else 100 * gflops / peak_gflops
     return LatencyStats(
         name,
         runtime,
@@ -83,11 +88,16 @@ def summarize(
         float(np.percentile(ms, 99)),
         batch / (p50 / 1000),
         gflops,
+        share,
     )
 
 
-def matmul_peak_gflops(threads: int, n: int = 2048, runs: int = 10) -> float:
-    """GFLOP/s of an n x n fp32 matmul in onnxruntime: the machine's practical peak."""
+MATMUL = "2048² fp32 matmul"
+"""The candidate that measures the machine's practical peak beside the models."""
+
+
+def matmul_runner(threads: int, n: int = 2048) -> tuple[Callable[[], object], float]:
+    """An n x n fp32 matmul in onnxruntime (the machine's practical peak) and its FLOPs."""
     spec = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, n]) for name in "ABC"]
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["A", "B"], ["C"])], "matmul", spec[:2], spec[2:]
@@ -103,8 +113,7 @@ def matmul_peak_gflops(threads: int, n: int = 2048, runs: int = 10) -> float:
         "A": rng.standard_normal((n, n), dtype=np.float32),
         "B": rng.standard_normal((n, n), dtype=np.float32),
     }
-    seconds = time_interleaved({"matmul": lambda: session.run(None, feeds)}, 2, runs)["matmul"]
-    return 2 * n**3 / float(np.median(seconds)) / 1e9
+    return (lambda: session.run(None, feeds)), 2.0 * n**3
 
 
 @dataclass
@@ -190,27 +199,40 @@ def benchmark(
     macs_per_image: int | None,
     progress: Callable[[str], None],
 ) -> tuple[list[LatencyStats], dict[int, float]]:
-    """Time every target at every batch size and thread count, interleaved within each setting."""
+    """Time every target at every batch size and thread count, interleaved within each setting
+    together with a 2048² fp32 matmul, whose rate in the same rounds is each row's peak.
+    Returns the rows and the matmul GFLOP/s by (threads, batch)."""
     rows: list[LatencyStats] = []
-    peaks: dict[int, float] = {}
+    peaks: dict[tuple[int, int], float] = {}
     rng = np.random.default_rng(0)
     for thread_count in threads:
-        progress(f"{thread_count} thread(s): matmul peak")
-        peaks[thread_count] = matmul_peak_gflops(thread_count)
         runners = {t.key: t.make_runner(thread_count) for t in targets}
+        matmul, matmul_flops = matmul_runner(thread_count)
         for batch in batches:
             progress(
-                f"{thread_count} thread(s), batch {batch}: {len(targets)} target(s) x {runs} runs"
+                f"{thread_count} thread(s), batch {batch}: {len(targets)} target(s) and the "
+                f"matmul x {runs} runs"
             )
             x = rng.standard_normal((batch, *input_shape), dtype=np.float32)
-            samples = time_interleaved(
-                {n: (lambda r=r, x=x: r(x)) for n, r in runners.items()}, warmup, runs
-            )
+            candidates = {n: (lambda r=r, x=x: r(x)) for n, r in runners.items()}
+            samples = time_interleaved({**candidates, MATMUL: matmul}, warmup, runs)
+            peak = matmul_flops / float(np.median(samples[MATMUL])) / 1e9
+            peaks[thread_count, batch] = peak
             rows += [
-                summarize(t.name, samples[t.key], batch, thread_count, macs_per_image, t.runtime)
+                summarize(
+                    t.name, samples[t.key], batch, thread_count, macs_per_image, t.runtime, peak
+                )
                 for t in targets
             ]
     return rows, peaks
+
+
+def describe_peaks(peaks: dict[tuple[int, int], float]) -> str:
+    """The matmul rates of a benchmark, for the line under its table."""
+    return f"{MATMUL}, in the same rounds: " + ", ".join(
+        f"{gflops:.0f} GFLOP/s ({threads} thread(s), batch {batch} rounds)"
+        for (threads, batch), gflops in peaks.items()
+    )
 
 
 INT8_OPS = {

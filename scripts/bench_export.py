@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from coatnet_export.bench import (
-    matmul_peak_gflops,
+    MATMUL,
+    matmul_runner,
     run_measured,
     summarize,
     time_interleaved,
@@ -102,15 +103,17 @@ def latency(workdir: Path, threads: int, runs: int) -> tuple[list[dict], dict]:
             model(x)
 
     candidates["pytorch eager"] = eager
-    samples = time_interleaved(candidates, warmup=5, runs=runs)
-    rows = [summarize(name, s, 1, threads, macs).as_dict() for name, s in samples.items()]
+    matmul, matmul_flops = matmul_runner(threads)
+    samples = time_interleaved({**candidates, MATMUL: matmul}, warmup=5, runs=runs)
+    peak = matmul_flops / float(np.median(samples.pop(MATMUL))) / 1e9
+    rows = [
+        summarize(name, s, 1, threads, macs, peak_gflops=peak).as_dict()
+        for name, s in samples.items()
+    ]
     base = {r["name"]: r["p50_ms"] for r in rows}
     for row in rows:
         row["vs_eager"] = row["p50_ms"] / base["pytorch eager"]
         row["vs_plain"] = row["p50_ms"] / base["onnx (plain torch.onnx.export)"]
-    peak = matmul_peak_gflops(threads)
-    for row in rows:
-        row["pct_of_peak"] = 100 * row["gflops_per_s"] / peak
     return rows, {"matmul_2048_gflops": peak, "model_gflops": 2 * macs / 1e9}
 
 

@@ -85,7 +85,7 @@ def bench(
     import os
     import tempfile
 
-    from coatnet_export.bench import benchmark, plan_bench
+    from coatnet_export.bench import benchmark, describe_peaks, plan_bench
     from coatnet_export.runtimes import check_runtime
 
     runtimes = tuple(dict.fromkeys(runtimes))
@@ -118,8 +118,6 @@ def bench(
             lambda text: click.echo(f"  {text}", err=True),
         )
     table = [r.as_dict() for r in rows]
-    for row in table:
-        row["pct_of_peak"] = 100 * row["gflops_per_s"] / peaks[row["threads"]]
     click.echo(
         render_table(
             table,
@@ -138,8 +136,7 @@ def bench(
         )
     )
     click.echo(
-        f"model: {plan.macs_per_image * 2 / 1e9:.2f} GFLOP per image; 2048^2 fp32 matmul: "
-        + ", ".join(f"{peaks[t]:.0f} GFLOP/s at {t} thread(s)" for t in thread_counts)
+        f"model: {plan.macs_per_image * 2 / 1e9:.2f} GFLOP per image; {describe_peaks(peaks)}"
     )
     if json_path:
         write_json(
@@ -147,7 +144,7 @@ def bench(
             {
                 "targets": plan.labels,
                 "results": table,
-                "matmul_gflops": {str(k): v for k, v in peaks.items()},
+                "matmul_gflops": {f"{t}x{b}": v for (t, b), v in peaks.items()},
                 "gflop_per_image": plan.macs_per_image * 2 / 1e9,
             },
         )
