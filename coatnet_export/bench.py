@@ -254,7 +254,7 @@ def describe_onnx(path):
     metadata = metadata_of(proto)
     if not any(n.op_type in INT8_OPS for n in proto.graph.node):
         return "onnx fp32", metadata
-    runtime = ((metadata and metadata.quantization) or {}).get("runtime", "onnxruntime")
+    runtime = ((metadata and metadata.quantization) or {}).get("laid_out_for", "onnxruntime")
     return ("onnx int8" if runtime == "onnxruntime" else f"onnx int8 for {runtime}"), metadata
 
 

@@ -139,7 +139,7 @@ def warn_int8_target(session: ort.InferenceSession, runtime: str) -> None:
         return
     if not isinstance(quantization, dict):
         return
-    laid_out_for = quantization.get("runtime", "onnxruntime")
+    laid_out_for = quantization.get("laid_out_for", "onnxruntime")
     if laid_out_for != runtime:
         print(
             f"warning: this int8 model is laid out for {laid_out_for}: {runtime} runs it, but "

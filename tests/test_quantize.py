@@ -90,7 +90,7 @@ def test_static_quantization_meets_the_accuracy_targets(tmp_path: Path, digits, 
     metadata = metadata_of(int8)
     assert metadata.quantization["mode"] == "static"
     assert metadata.quantization["quantized_ops"] == list(DEFAULT_RECIPE.op_types)
-    assert metadata.quantization["runtime"] == "onnxruntime"
+    assert metadata.quantization["laid_out_for"] == "onnxruntime"
     assert metadata.quantization["recipe"] == DEFAULT_RECIPE.name == report["recipe"]
     assert metadata.quantization["activation_type"] == report["choice"]["activation_type"]
     assert metadata.quantization["target_cpu"] == report["choice"]["target_cpu"]

@@ -219,7 +219,7 @@ def test_quantize_for_openvino(digits, tmp_path: Path, run_cli, capsys) -> None:
     }
     assert not requantized & {"Conv", "MatMul", "Gemm", "Attention"}
     assert "Attention" not in producer.values() and "Softmax" in producer.values()
-    assert metadata_of(int8).quantization["runtime"] == "openvino"
+    assert metadata_of(int8).quantization["laid_out_for"] == "openvino"
     # it is still the same model in onnxruntime, only slower there
     held = np.stack(
         [
@@ -254,6 +254,25 @@ def test_quantize_for_openvino(digits, tmp_path: Path, run_cli, capsys) -> None:
                 "package", export, "--target", "triton", "--output", repo, "--int8", *flags
             )
             assert result.code == 0 and ("laid out for openvino" in result.out) == noted, result.err
+
+
+@needs_openvino
+def test_dynamic_quantization_has_no_openvino_layout(digits, tmp_path: Path, run_cli) -> None:
+    """Dynamic int8 is onnxruntime's integer operators whatever it is measured in: attention
+    stays fused (its products would be quantized too), and the model says so."""
+    export = tmp_path / "export"
+    export.mkdir()
+    for name in ("model.onnx", "manifest.json"):
+        shutil.copy(digits["export"] / name, export / name)
+    result = run_cli(
+        "quantize", export, "--mode", "dynamic", "--eval-data", digits["test"],
+        "--latency-runs", "2", "--runtime", "openvino",
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    int8 = load_proto(export / "model.int8.onnx")
+    assert "Attention" in {n.op_type for n in int8.graph.node}
+    assert metadata_of(int8).quantization["laid_out_for"] == "onnxruntime"
+    assert json.loads((export / "quantization.json").read_text())["recipe"] is None
 
 
 # --- scripts/infer.py ---------------------------------------------------------------------------

@@ -159,7 +159,9 @@ def metadata_quantization(report: QuantReport) -> dict:
     ``info`` and scripts/infer.py compare with the CPU they run on."""
     return {
         "mode": report.mode,
-        "runtime": report.runtime,
+        # the runtime whose kernels the graph is laid out for: a static recipe's; dynamic
+        # quantization writes onnxruntime's integer operators whatever it was measured in
+        "laid_out_for": report.runtime if report.recipe else "onnxruntime",
         "recipe": report.recipe,
         "quantized_ops": report.quantized_ops,
         "target_cpu": report.choice.target_cpu,

@@ -94,7 +94,7 @@ def int8_layout_notes(export_dir: Path, runtime: str) -> list[str]:
     if not path.is_file():
         return []
     metadata = metadata_of(onnx.load(str(path), load_external_data=False), path)
-    laid_out_for = ((metadata and metadata.quantization) or {}).get("runtime", "onnxruntime")
+    laid_out_for = ((metadata and metadata.quantization) or {}).get("laid_out_for", "onnxruntime")
     if laid_out_for == runtime:
         return []
     return [
