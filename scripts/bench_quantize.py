@@ -181,7 +181,7 @@ def bench_recipes(work: Path, args) -> list[dict]:
     choice = choose_types("auto")
     prepared = {}  # (model, split attention) -> (prepared model, calibration cache)
     for model, inputs in ((c0, photos), (digits, calibration)):
-        for split_attention in sorted({r.split_attention for r in RECIPES}):
+        for split_attention in sorted({r.split_attention for r in RECIPES.values()}):
             folder = model / f"prepared-{int(split_attention)}"
             folder.mkdir()
             prepare(model / "model.onnx", folder / "pre.onnx", split_attention=split_attention)
@@ -189,7 +189,7 @@ def bench_recipes(work: Path, args) -> list[dict]:
             prepared[model, split_attention] = folder / "pre.onnx", cache
     reference = logits(digits / "model.onnx", held_out, SessionPlan(args.threads, False, 8, False))
     rows, c0_int8 = [], {}
-    for index, recipe in enumerate(RECIPES):
+    for index, recipe in enumerate(RECIPES.values()):
         print(f"recipe {recipe.name} ...", file=sys.stderr)
         outputs = {}
         for model in (c0, digits):

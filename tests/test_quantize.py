@@ -20,6 +20,7 @@ from coatnet_export.inspect import metadata_of
 from coatnet_export.quantize.graph import (
     DEFAULT_RECIPE,
     OPENVINO_RECIPE,
+    RECIPES,
     attention_as_matmuls,
     compact_biases,
     non_gate_muls,
@@ -234,6 +235,31 @@ def test_dynamic_quantization(tmp_path: Path, digits, run_cli) -> None:
     ops = {n.op_type for n in int8.graph.node}
     assert ops & {"MatMulInteger", "DynamicQuantizeLinear", "DynamicQuantizeMatMul"}
     assert "ConvInteger" not in ops  # dynamic Conv quantization brings no speed: left alone
+
+
+@pytest.mark.parametrize(
+    ("recipe", "laid_out_for", "requantized"),
+    [("requantized", "onnxruntime", {"Conv", "MatMul", "Gemm"}), ("openvino", "openvino", set())],
+)
+def test_recipe_option_picks_the_layout(
+    tmp_path: Path, digits, run_cli, recipe: str, laid_out_for: str, requantized: set[str]
+) -> None:
+    """--recipe overrides the runtime's layout; the model records the one it has."""
+    export = fresh_export(digits, tmp_path)
+    result = run_cli(
+        "quantize", export, "--calibration-data", digits["calibration"], "--eval-data",
+        digits["test"], "--latency-runs", "2", "--recipe", recipe,
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    int8 = onnx.load(str(export / "model.int8.onnx"))
+    producer = {o: n.op_type for n in int8.graph.node for o in n.output}
+    quantized = {producer.get(n.input[0]) for n in int8.graph.node if n.op_type == "QuantizeLinear"}
+    assert quantized & {"Conv", "MatMul", "Gemm"} == requantized
+    metadata = metadata_of(int8)
+    assert metadata.quantization["recipe"] == RECIPES[recipe].name
+    assert metadata.quantization["laid_out_for"] == laid_out_for
+    refused = run_cli("quantize", export, "--mode", "dynamic", "--recipe", recipe)
+    assert refused.code == 2 and "--recipe is for static quantization" in refused.err
 
 
 def test_infer_script_runs_the_int8_model(tmp_path: Path, digits) -> None:

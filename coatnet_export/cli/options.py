@@ -10,6 +10,7 @@ import click
 
 from coatnet_export.errors import InputError, os_error_message
 from coatnet_export.quantize.evaluate import GATES
+from coatnet_export.quantize.graph import RECIPES
 from coatnet_export.quantize.pipeline import QuantOptions
 from coatnet_export.quantize.presets import TARGET_CHOICES
 from coatnet_export.runtimes import RUNTIMES
@@ -202,6 +203,13 @@ def quantize_options(func):
             help="Override the --target-cpu preset (recorded as an override).",
         ),
         click.option(
+            "--recipe",
+            type=click.Choice(list(RECIPES)),
+            default=None,
+            help="The int8 layout [default: the one for --runtime: onnxruntime or openvino]; "
+            "scripts/bench_quantize.py --recipes compares them on this CPU.",
+        ),
+        click.option(
             "--gate",
             type=click.Choice(GATES),
             default="auto",
@@ -254,6 +262,7 @@ def quant_options_from(kw: dict, mode: str) -> QuantOptions:
         min_cosine=kw["min_cosine"],
         max_fallback_steps=kw["max_fallback_steps"],
         threads=kw.get("threads"),
+        recipe_key=kw["recipe"],
         dynamic_hint="--quantize dynamic" if "quantize_mode" in kw else "--mode dynamic",
     )
 

@@ -229,6 +229,8 @@ def non_gate_muls(proto: onnx.ModelProto) -> list[str]:
 class Recipe:
     """Which operations static quantization turns into int8, and which int8 results stay float."""
 
+    key: str
+    """The short name ``quantize --recipe`` takes."""
     name: str
     op_types: tuple[str, ...] | None
     """Op types to quantize; None is onnxruntime's default (every op it can quantize). "Mul"
@@ -245,6 +247,8 @@ class Recipe:
     DequantizeLinear pair after it: the kernel dequantizes its own accumulators (onnxruntime's
     MatMulIntegerToFloat; OpenVINO's convolutions and fully connected layers, which fuse the
     dequantisation, the GELU and the next quantisation). The ranges are unchanged."""
+    runtime: str = "onnxruntime"
+    """The runtime whose kernels this layout is for (recorded as the model's ``laid_out_for``)."""
 
     def exclusions(self, proto: onnx.ModelProto) -> list[str]:
         """Nodes of ``proto`` of a quantized op type that this recipe keeps float."""
@@ -265,6 +269,7 @@ class Recipe:
 
 POOLS_AND_GATES = (*ARITHMETIC, "MaxPool", "GlobalAveragePool", "Mul")
 DEFAULT_RECIPE = Recipe(
+    "onnxruntime",
     "arithmetic+pools+gates, float stem+head, float MatMul outputs",
     POOLS_AND_GATES,
     float_first_last=True,
@@ -279,11 +284,13 @@ anyway, so a QuantizeLinear -> DequantizeLinear pair after each only cost time (
 an Intel Xeon with AMX: 1.54x -> 1.66x at batch 1, 1.59x -> 1.71x at batch 8, same digits
 agreement; scripts/bench_quantize.py --recipes compares the alternatives)."""
 OPENVINO_RECIPE = Recipe(
+    "openvino",
     "arithmetic+pools+gates, float stem+head, float Conv/MatMul/Gemm outputs, split attention",
     POOLS_AND_GATES,
     float_first_last=True,
     split_attention=True,
     float_outputs=ARITHMETIC,
+    runtime="openvino",
 )
 """For OpenVINO: the same int8 operations, but no int8 result is requantized before its
 activation, and attention as its products. OpenVINO then fuses convolution -> GELU ->
@@ -291,14 +298,24 @@ quantization into one int8 kernel with an int8 output; onnxruntime cannot (its C
 in float: no faster than fp32 with this graph)."""
 RUNTIME_RECIPES = {"onnxruntime": DEFAULT_RECIPE, "openvino": OPENVINO_RECIPE}
 """The recipe whose graph each runtime runs fastest (``quantize --runtime``)."""
-RECIPES = (
-    DEFAULT_RECIPE,
-    OPENVINO_RECIPE,
-    Recipe("arithmetic+pools+gates, float stem+head", POOLS_AND_GATES, float_first_last=True),
-    Recipe("arithmetic+pools+gates", POOLS_AND_GATES),
-    Recipe("arithmetic (Conv, MatMul, Gemm)", ARITHMETIC),
-    Recipe("onnxruntime's default op set", None),
-)
+RECIPES = {
+    recipe.key: recipe
+    for recipe in (
+        DEFAULT_RECIPE,
+        OPENVINO_RECIPE,
+        Recipe(
+            "requantized",
+            "arithmetic+pools+gates, float stem+head",
+            POOLS_AND_GATES,
+            float_first_last=True,
+        ),
+        Recipe("int8-stem-head", "arithmetic+pools+gates", POOLS_AND_GATES),
+        Recipe("arithmetic", "arithmetic (Conv, MatMul, Gemm)", ARITHMETIC),
+        Recipe("onnxruntime-ops", "onnxruntime's default op set", None),
+    )
+}
+"""Every recipe by ``--recipe`` key (scripts/bench_quantize.py --recipes compares them);
+``requantized`` was the onnxruntime default before int8 MatMuls handed on float."""
 FALLBACK_OPS = (*ARITHMETIC, "Mul")
 """Op types the accuracy fallback returns to float (pooling is as exact in int8)."""
 DYNAMIC_OPS = ("MatMul", "Gemm")

@@ -58,6 +58,7 @@ from coatnet_export.quantize.evaluate import (
 from coatnet_export.quantize.graph import (
     DEFAULT_RECIPE,
     DYNAMIC_OPS,
+    RECIPES,
     RUNTIME_RECIPES,
     Recipe,
     compact_biases,
@@ -111,10 +112,13 @@ class QuantOptions:
     dynamic_hint: str = "--mode dynamic"
     """How the command that runs this spells dynamic quantization (for error messages)."""
 
+    recipe_key: str | None = None
+    """``--recipe``: a static recipe of graph.RECIPES; None takes :attr:`runtime`'s."""
+
     @property
     def recipe(self) -> Recipe:
-        """The static recipe for :attr:`runtime` (graph.RUNTIME_RECIPES)."""
-        return RUNTIME_RECIPES[self.runtime]
+        """The static recipe: ``recipe_key``'s, else the one for :attr:`runtime`."""
+        return RECIPES[self.recipe_key] if self.recipe_key else RUNTIME_RECIPES[self.runtime]
 
 
 @dataclass
@@ -208,6 +212,10 @@ def check_options(opts: QuantOptions) -> None:
     exporting): a calibration source for static quantization, folders that are folders, the
     runtime installed."""
     check_runtime(opts.runtime)
+    if opts.recipe_key is not None and opts.recipe_key not in RECIPES:
+        raise InputError(f"unknown recipe {opts.recipe_key!r} (choose one of {', '.join(RECIPES)})")
+    if opts.recipe_key is not None and opts.mode != "static":
+        raise InputError("--recipe is for static quantization (drop it, or use --mode static)")
     if opts.mode == "static" and opts.calibration_data is None and not opts.random_calibration:
         raise InputError(
             "static quantization needs --calibration-data DIR (images preprocessed like "

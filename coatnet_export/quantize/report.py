@@ -46,6 +46,9 @@ class QuantReport:
     measured."""
     recipe: str | None = None
     """The name of the static recipe (graph.Recipe), None for dynamic quantization."""
+    laid_out_for: str = "onnxruntime"
+    """The runtime whose kernels the graph is laid out for: the static recipe's; dynamic
+    quantization writes onnxruntime's integer operators whatever it is measured in."""
 
     @classmethod
     def build(
@@ -104,6 +107,7 @@ class QuantReport:
             notes=notes,
             runtime=plan.runtime,
             recipe=recipe.name if recipe else None,
+            laid_out_for=recipe.runtime if recipe else "onnxruntime",
         )
 
     def as_dict(self) -> dict:
@@ -159,9 +163,7 @@ def metadata_quantization(report: QuantReport) -> dict:
     ``info`` and scripts/infer.py compare with the CPU they run on."""
     return {
         "mode": report.mode,
-        # the runtime whose kernels the graph is laid out for: a static recipe's; dynamic
-        # quantization writes onnxruntime's integer operators whatever it was measured in
-        "laid_out_for": report.runtime if report.recipe else "onnxruntime",
+        "laid_out_for": report.laid_out_for,
         "recipe": report.recipe,
         "quantized_ops": report.quantized_ops,
         "target_cpu": report.choice.target_cpu,
