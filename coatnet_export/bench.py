@@ -249,12 +249,13 @@ def describe_onnx(path):
     """A short label ("onnx fp32", "onnx int8", or "onnx int8 for openvino" for an int8 graph
     laid out for OpenVINO) and the coatnet-export metadata, if any."""
     from coatnet_export.inspect import load_proto, metadata_of
+    from coatnet_export.metadata import int8_layout
 
     proto = load_proto(path)
     metadata = metadata_of(proto)
     if not any(n.op_type in INT8_OPS for n in proto.graph.node):
         return "onnx fp32", metadata
-    runtime = ((metadata and metadata.quantization) or {}).get("laid_out_for", "onnxruntime")
+    runtime = int8_layout(metadata)
     return ("onnx int8" if runtime == "onnxruntime" else f"onnx int8 for {runtime}"), metadata
 
 

@@ -76,6 +76,12 @@ class ExportMetadata:
         return cls(**values)
 
 
+def int8_layout(metadata: ExportMetadata | None) -> str:
+    """The runtime an int8 model's graph is laid out for (``quantize --runtime`` or
+    ``--recipe``); onnxruntime where nothing is recorded."""
+    return ((metadata and metadata.quantization) or {}).get("laid_out_for", "onnxruntime")
+
+
 def write_props(model: onnx.ModelProto, metadata: ExportMetadata) -> None:
     """Replace the model's metadata_props with ``metadata``."""
     del model.metadata_props[:]

@@ -235,8 +235,6 @@ class Recipe:
     op_types: tuple[str, ...] | None
     """Op types to quantize; None is onnxruntime's default (every op it can quantize). "Mul"
     means the squeeze-excitation gates only."""
-    float_attention_matmuls: bool = True
-    """Keep attention's activation x activation MatMuls (q.k^T, weights.v) in float."""
     float_first_last: bool = False
     """Keep the first convolution (stem) and the last linear layer (head) in float."""
     split_attention: bool = False
@@ -252,7 +250,7 @@ class Recipe:
 
     def exclusions(self, proto: onnx.ModelProto) -> list[str]:
         """Nodes of ``proto`` of a quantized op type that this recipe keeps float."""
-        excluded = activation_matmuls(proto) if self.float_attention_matmuls else []
+        excluded = activation_matmuls(proto)  # attention's q.k^T and weights.v stay float
         if self.op_types is not None and "Mul" in self.op_types:
             excluded += non_gate_muls(proto)
         arithmetic = [n.name for n in proto.graph.node if n.op_type in ARITHMETIC]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from coatnet_export.errors import InputError
-from coatnet_export.metadata import ExportMetadata
+from coatnet_export.metadata import ExportMetadata, int8_layout
 
 MODEL_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
@@ -94,7 +94,7 @@ def int8_layout_notes(export_dir: Path, runtime: str) -> list[str]:
     if not path.is_file():
         return []
     metadata = metadata_of(onnx.load(str(path), load_external_data=False), path)
-    laid_out_for = ((metadata and metadata.quantization) or {}).get("laid_out_for", "onnxruntime")
+    laid_out_for = int8_layout(metadata)
     if laid_out_for == runtime:
         return []
     return [
