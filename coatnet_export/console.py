@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import sys
@@ -86,3 +87,10 @@ def quiet_libraries():
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
+
+
+@functools.cache
+def warn_once(text: str) -> None:
+    """``warning: text`` on stderr, once per process."""
+    sys.stderr.write(f"warning: {text}\n")
+    sys.stderr.flush()

@@ -81,8 +81,15 @@ class UsageError(Exception):
 # --- int8: does this CPU suit the model's recorded target? A copy of two functions of
 # coatnet_export/quantize/presets.py (tests/test_quantize_presets.py checks they are equal) ---
 def read_cpu() -> dict:
-    """This machine's CPU: {"arch": "x86_64" | "arm64" | ..., "model": name, "int8": [the int8
-    dot-product features found: avx512_vnni, avx_vnni, avx2, asimddp]}."""
+    """This machine's CPU as its int8 kernels see it: {"arch": "x86_64" | "arm64" | ...,
+    "model": name, "int8": [the int8 features found: amx_int8, avx512_vnni, avx_vnni, avx2,
+    asimddp]}.
+
+    The instruction sets come from numpy's runtime dispatch (cpuid on x86, the kernel's HWCAP
+    on arm64), which is what onnxruntime's own detection reads too, so a CPU emulated by
+    ``qemu -cpu MODEL`` is seen as the emulated one; /proc/cpuinfo (the host's, under qemu)
+    adds only what numpy does not report, AVX-VNNI and AMX, where numpy confirms the
+    instruction set they extend."""
     import platform
 
     arch = platform.machine().lower()
@@ -99,10 +106,19 @@ def read_cpu() -> dict:
                 elif key.strip() == "model name":
                     model = value.strip()
     except OSError:  # not Linux
-        if platform.system() == "Darwin" and arch == "arm64":
-            flags.add("asimddp")  # every Apple silicon Mac has the dot product
-    wanted = ("avx512_vnni", "avx_vnni", "avx2", "asimddp")
-    return {"arch": arch, "model": model, "int8": [f for f in wanted if f in flags]}
+        pass
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as isa
+    except ImportError:  # numpy < 2
+        from numpy.core._multiarray_umath import __cpu_features__ as isa
+    found = {
+        "amx_int8": isa.get("AVX512VNNI") and "amx_int8" in flags,
+        "avx512_vnni": isa.get("AVX512VNNI"),
+        "avx_vnni": isa.get("AVX2") and "avx_vnni" in flags,
+        "avx2": isa.get("AVX2"),
+        "asimddp": isa.get("ASIMDDP"),
+    }
+    return {"arch": arch, "model": model, "int8": [f for f, there in found.items() if there]}
 
 
 def int8_warnings(quantization: dict, cpu: dict) -> list[str]:

@@ -243,6 +243,9 @@ class SessionPlan:
     runtime: str = "onnxruntime"
     """Where the int8 report's logits and latency are measured (calibration and SQNR always
     run in onnxruntime)."""
+    unfused: bool = False
+    """Run int8 models unfused (runtimes.RunOptions.unfused): the exact arithmetic the gate
+    measures when this machine's kernels saturate where the target's do not."""
 
 
 def augmented_session(

@@ -69,7 +69,8 @@ def agreement(fp32: np.ndarray, int8: np.ndarray, targets: list[int | None]) -> 
 
 def logits(path: Path, inputs: Inputs, plan: SessionPlan) -> np.ndarray:
     """The first output of ``path`` for every input, batch by batch: (samples, classes)."""
-    model = load_model(path, plan.runtime, RunOptions(plan.threads, low_memory=plan.low_memory))
+    options = RunOptions(plan.threads, low_memory=plan.low_memory, unfused=plan.unfused)
+    model = load_model(path, plan.runtime, options)
     out = [
         model.run(batch)[:count] for batch, count in inputs.batches(plan.batch, plan.fixed_batch)
     ]
@@ -84,6 +85,9 @@ class Gate:
     """``top1`` (top-1 agreement) or ``cosine`` (the smallest cosine similarity of the logits)."""
     threshold: float
     reason: str
+    exact: bool = False
+    """Measured on the exact integer arithmetic (QDQ unfused) rather than this machine's
+    kernels (quantize/presets.judge)."""
 
     @property
     def label(self) -> str:

@@ -65,7 +65,7 @@ from coatnet_export.quantize.graph import (
     nodes_to_float,
     prepare,
 )
-from coatnet_export.quantize.presets import QuantChoice, choose_types
+from coatnet_export.quantize.presets import Judgement, QuantChoice, choose_types, judge
 from coatnet_export.quantize.report import QuantReport, metadata_quantization
 from coatnet_export.runtimes import LOW_MEMORY_BYTES, check_runtime
 
@@ -113,7 +113,8 @@ class QuantOptions:
     """How the command that runs this spells dynamic quantization (for error messages)."""
 
     recipe_key: str | None = None
-    """``--recipe``: a static recipe of graph.RECIPES; None takes :attr:`runtime`'s."""
+    """``--recipe``: a static recipe of graph.RECIPES; None takes the target CPU's fastest in
+    :attr:`runtime` (presets.CpuPreset.recipes), resolved by :func:`run_quantize`."""
 
     @property
     def recipe(self) -> Recipe:
@@ -411,13 +412,17 @@ def run_quantize(
     if opts.mode == "dynamic" and choice.activation_type != "uint8":
         choice.activation_type = "uint8"
         choice.reason += "; dynamic quantization computes u8 activations whatever the target"
+    if opts.mode == "static" and opts.recipe_key is None:
+        opts = replace(opts, recipe_key=choice.recipes.get(opts.runtime))
     gate = choose_gate(opts.gate, source.metadata, opts.min_top1, opts.min_cosine)
+    judgement = judge(choice)
     data = gather_data(source, opts)
     progress = Steps(say)
     progress(choice.describe())
     progress(f"gate: {gate.label} >= {gate.threshold} ({gate.reason})")
+    progress(f"gate measured on {judgement.label}: {judgement.reason}")
     with workspace(source.folder) as work, writing(source.folder, "model folder"):
-        report = quantize_in(work, source, opts, choice, gate, data, progress)
+        report = quantize_in(work, source, opts, choice, gate, judgement, data, progress)
         publish_outputs(work, source, report)
     return source.folder / INT8_FILE, report
 
@@ -428,6 +433,7 @@ def quantize_in(
     opts: QuantOptions,
     choice: QuantChoice,
     gate: Gate,
+    judgement: Judgement,
     data: Data,
     progress: Steps,
 ) -> QuantReport:
@@ -454,9 +460,16 @@ def quantize_in(
     progress(f"fp32 logits on {len(data.evaluation)} held-out inputs")
     reference = logits(source.model_path, data.evaluation, batched)
     attempts, steps, compact = quantize_until_gate(
-        pre, work, source, opts, choice, gate, data, cache, reference, progress
-    )
+        pre, work, source, opts, choice, replace(gate, exact=judgement.exact), data, cache,
+        reference, progress,
+    )  # fmt: skip
     final = attempts[-1]
+    native = None
+    if judgement.exact:
+        progress(f"int8 logits on this machine's kernels ({opts.runtime}), for the report")
+        native = agreement(
+            reference, logits(final.path, data.evaluation, batched), data.evaluation.targets
+        )
     worst: list[tuple[str, float]] = []
     if opts.mode == "static":
         progress(f"per-activation SQNR on {len(data.evaluation.take(SQNR_SAMPLES))} inputs")
@@ -470,6 +483,12 @@ def quantize_in(
     report = QuantReport.build(
         opts, choice, gate, data, final, attempts[0], steps, timings, worst, compact, timed_plan
     )
+    report.judgement = {
+        "measured": judgement.label,
+        "exact": judgement.exact,
+        "reason": judgement.reason,
+    }
+    report.native_agreement = native
     progress("writing model.int8.onnx")
     write_outputs(work, source, final, report)
     return report
@@ -492,6 +511,8 @@ def quantize_until_gate(
     Returns every attempt, the fallback steps and the bytes the bias compaction saved."""
     plan = source.plan(opts.threads)
     batched = replace(source.plan(opts.threads, EVAL_BATCH), runtime=opts.runtime)
+    if gate.exact:  # as the target computes (presets.judge), whatever --runtime
+        batched = replace(batched, runtime="onnxruntime", unfused=True)
     proto = onnx.load(str(pre), load_external_data=False)
     exclude = opts.recipe.exclusions(proto) if opts.mode == "static" else []
     del proto

@@ -24,7 +24,7 @@ from coatnet_export.errors import InputError
 
 @dataclass(frozen=True)
 class CpuPreset:
-    """The int8 types for one kind of CPU, and why."""
+    """The int8 types for one class of CPU, why, and the fastest way to run int8 there."""
 
     name: str
     arch: str
@@ -32,19 +32,49 @@ class CpuPreset:
     weight_type: str
     reduce_range: bool
     reason: str
+    saturates: bool = False
+    """Whether this class's u8 x s8 kernels add pairs of products in 16 bits with saturation
+    (x86 without VNNI), so that full-range 8-bit weights can overflow there."""
+    runtime: str = "onnxruntime"
+    """The fastest int8 runtime measured on this class, at the gate."""
+    recipes: tuple[tuple[str, str], ...] = (
+        ("onnxruntime", "onnxruntime"),
+        ("openvino", "openvino"),
+    )
+    """(runtime, recipe key of quantize/graph.RECIPES): the fastest recipe in each runtime."""
+    measured: str = ""
+    """Where :attr:`runtime` and :attr:`recipes` come from (docs/benchmarks.md)."""
+
+    def recipe_for(self, runtime: str) -> str:
+        """The recipe key that is fastest for this class in ``runtime``."""
+        return dict(self.recipes)[runtime]
 
 
+VNNI_REASON = "vpdpbusd sums u8 x s8 products in 32 bits, no saturation; full 8-bit weights"
+ARM_TYPES = "s8 activations and weights as onnxruntime advises for ARM"
 PRESETS = {
     preset.name: preset
     for preset in (
+        CpuPreset(
+            "x86-amx",
+            "x86_64",
+            "uint8",
+            "int8",
+            False,
+            f"x86 with AMX-INT8 (and AVX-512 VNNI): tile products and {VNNI_REASON}",
+            runtime="openvino",
+            measured="Intel Xeon (AMX), 2 threads, coatnet_0: OpenVINO's layout 2.29-2.35x / "
+            "2.93-3.04x onnxruntime fp32 at batch 1 / 8; onnxruntime's own recipe 1.66-1.74x",
+        ),
         CpuPreset(
             "x86-vnni",
             "x86_64",
             "uint8",
             "int8",
             False,
-            "x86 with AVX-512 VNNI or AVX-VNNI: vpdpbusd sums u8 x s8 products in 32 bits, "
-            "no saturation; full 8-bit weights",
+            f"x86 with AVX-512 VNNI or AVX-VNNI: {VNNI_REASON}",
+            runtime="openvino",
+            measured="AMD EPYC Zen 4 (AVX-512 VNNI), 2 threads, coatnet_0: see docs/benchmarks.md",
         ),
         CpuPreset(
             "x86-avx2",
@@ -54,6 +84,10 @@ PRESETS = {
             True,
             "x86 without VNNI: vpmaddubsw adds pairs of u8 x s8 products in 16 bits and "
             "saturates; reduce_range (7-bit weights) keeps them in range, as onnxruntime advises",
+            saturates=True,
+            measured="AMD EPYC (AVX2 only), 2 threads, coatnet_0: onnxruntime int8 1.23x / "
+            "1.33x onnxruntime fp32 at batch 1 / 8, OpenVINO int8 0.82x / 0.83x (and batch-"
+            "dependent with two threads, see runtimes/openvino.py)",
         ),
         CpuPreset(
             "arm64-dotprod",
@@ -61,8 +95,10 @@ PRESETS = {
             "int8",
             "int8",
             False,
-            "arm64 with the dot product (SDOT): s8 x s8 products sum in 32 bits; s8 activations "
-            "and weights as onnxruntime advises for ARM; full 8-bit weights",
+            f"arm64 with the dot product (SDOT): s8 x s8 products sum in 32 bits; {ARM_TYPES}; "
+            "full 8-bit weights",
+            measured="onnxruntime: the runtime the project runs on arm64 (checked under "
+            "emulation, not timed)",
         ),
         CpuPreset(
             "arm64",
@@ -71,8 +107,9 @@ PRESETS = {
             "int8",
             False,
             "arm64 without the dot product: the NEON kernels widen 8-bit products before "
-            "summing them (symmetric weights), no saturation; s8 activations and weights as "
-            "onnxruntime advises for ARM",
+            f"summing them (symmetric weights), no saturation; {ARM_TYPES}",
+            measured="onnxruntime: the runtime the project runs on arm64 (checked under "
+            "emulation, not timed)",
         ),
     )
 }
@@ -83,6 +120,7 @@ GENERIC = CpuPreset(
     "int8",
     True,
     "no known int8 dot-product instructions on this CPU: reduce_range for safety",
+    measured="not measured",
 )
 TARGET_CHOICES = ("auto", *PRESETS)
 """What ``--target-cpu`` accepts."""
@@ -90,8 +128,15 @@ TARGET_CHOICES = ("auto", *PRESETS)
 
 # --- copied verbatim into scripts/infer.py (tests/test_quantize_presets.py checks it) ---
 def read_cpu() -> dict:
-    """This machine's CPU: {"arch": "x86_64" | "arm64" | ..., "model": name, "int8": [the int8
-    dot-product features found: avx512_vnni, avx_vnni, avx2, asimddp]}."""
+    """This machine's CPU as its int8 kernels see it: {"arch": "x86_64" | "arm64" | ...,
+    "model": name, "int8": [the int8 features found: amx_int8, avx512_vnni, avx_vnni, avx2,
+    asimddp]}.
+
+    The instruction sets come from numpy's runtime dispatch (cpuid on x86, the kernel's HWCAP
+    on arm64), which is what onnxruntime's own detection reads too, so a CPU emulated by
+    ``qemu -cpu MODEL`` is seen as the emulated one; /proc/cpuinfo (the host's, under qemu)
+    adds only what numpy does not report, AVX-VNNI and AMX, where numpy confirms the
+    instruction set they extend."""
     import platform
 
     arch = platform.machine().lower()
@@ -108,10 +153,19 @@ def read_cpu() -> dict:
                 elif key.strip() == "model name":
                     model = value.strip()
     except OSError:  # not Linux
-        if platform.system() == "Darwin" and arch == "arm64":
-            flags.add("asimddp")  # every Apple silicon Mac has the dot product
-    wanted = ("avx512_vnni", "avx_vnni", "avx2", "asimddp")
-    return {"arch": arch, "model": model, "int8": [f for f in wanted if f in flags]}
+        pass
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as isa
+    except ImportError:  # numpy < 2
+        from numpy.core._multiarray_umath import __cpu_features__ as isa
+    found = {
+        "amx_int8": isa.get("AVX512VNNI") and "amx_int8" in flags,
+        "avx512_vnni": isa.get("AVX512VNNI"),
+        "avx_vnni": isa.get("AVX2") and "avx_vnni" in flags,
+        "avx2": isa.get("AVX2"),
+        "asimddp": isa.get("ASIMDDP"),
+    }
+    return {"arch": arch, "model": model, "int8": [f for f, there in found.items() if there]}
 
 
 def int8_warnings(quantization: dict, cpu: dict) -> list[str]:
@@ -144,6 +198,8 @@ def int8_warnings(quantization: dict, cpu: dict) -> list[str]:
 def preset_for(cpu: dict) -> CpuPreset:
     """The preset that suits ``cpu`` (from :func:`read_cpu`)."""
     if cpu["arch"] == "x86_64":
+        if "amx_int8" in cpu["int8"]:
+            return PRESETS["x86-amx"]
         vnni = "avx512_vnni" in cpu["int8"] or "avx_vnni" in cpu["int8"]
         return PRESETS["x86-vnni" if vnni else "x86-avx2"]
     if cpu["arch"] == "arm64":
@@ -164,6 +220,18 @@ class QuantChoice:
     """For ``--target-cpu auto``: this machine's CPU and int8 features."""
     overrides: dict[str, object] = field(default_factory=dict)
     """Types set on the command line over the preset's."""
+    fastest_runtime: str = "onnxruntime"
+    """The fastest int8 runtime measured on the target's class (CpuPreset.runtime)."""
+    recipes: dict[str, str] = field(default_factory=dict)
+    """Runtime -> the recipe that is fastest for the target's class in it."""
+    measured: str = ""
+    """Where the fastest runtime and recipes come from."""
+
+    @property
+    def saturates(self) -> bool:
+        """Whether the target's kernels can saturate on these types (x86 without VNNI with
+        full-range 8-bit weights)."""
+        return _saturates(self.target_cpu, self)
 
     def describe(self) -> str:
         """One line: the target, the types and the reason."""
@@ -213,6 +281,9 @@ def choose_types(
         preset.reason,
         detected,
         overrides,
+        preset.runtime,
+        dict(preset.recipes),
+        preset.measured,
     )
     if (choice.activation_type, choice.weight_type) == ("int8", "uint8"):
         raise InputError(
@@ -220,3 +291,49 @@ def choose_types(
             "(use uint8 activations, or int8 weights)"
         )
     return choice
+
+
+def _saturates(preset_name: str, choice: QuantChoice) -> bool:
+    preset = PRESETS.get(preset_name, GENERIC)
+    return preset.saturates and choice.weight_type == "int8" and not choice.reduce_range
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """How the gate measures an int8 model on this machine for the CPU it is quantized for."""
+
+    exact: bool
+    """True: the QDQ graph runs unfused in onnxruntime (each product dequantized and summed in
+    float), which is the integer arithmetic without saturation that the target computes;
+    False: this machine's own int8 kernels, in the runtime the model is for."""
+    reason: str
+
+    @property
+    def label(self) -> str:
+        return "exact integer arithmetic (QDQ unfused)" if self.exact else "this machine's kernels"
+
+
+def judge(choice: QuantChoice, cpu: dict | None = None) -> Judgement:
+    """How to measure ``choice``'s model on ``cpu`` (by default this machine's) so that the
+    gate passes or fails as it would on the target: natively where this machine's kernels
+    compute as the target's, else exactly (this machine saturates where the target does not)."""
+    cpu = cpu or read_cpu()
+    here = preset_for(cpu)
+    here_saturates = _saturates(here.name, choice)
+    if here_saturates and not choice.saturates:
+        return Judgement(
+            True,
+            f"this machine ({here.name}) adds pairs of u8 x s8 products in 16 bits with "
+            f"saturation, {choice.target_cpu} does not: measured as {choice.target_cpu} "
+            "computes, the QDQ graph unfused in onnxruntime",
+        )
+    if choice.saturates and not here_saturates:
+        return Judgement(
+            False,
+            f"{choice.target_cpu} can saturate with these full-range weights, this machine "
+            f"({here.name}) does not: measured on this machine's kernels, which is optimistic "
+            "for the target",
+        )
+    return Judgement(
+        False, f"this machine's int8 kernels ({here.name}) compute as {choice.target_cpu}'s"
+    )

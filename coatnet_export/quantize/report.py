@@ -49,6 +49,12 @@ class QuantReport:
     laid_out_for: str = "onnxruntime"
     """The runtime whose kernels the graph is laid out for: the static recipe's; dynamic
     quantization writes onnxruntime's integer operators whatever it is measured in."""
+    judgement: dict = field(default_factory=dict)
+    """How the agreement (the gate) was measured: ``measured``, ``exact``, ``reason``
+    (quantize/presets.judge)."""
+    native_agreement: Agreement | None = None
+    """When the gate measured the exact arithmetic: the agreement on this machine's own
+    kernels, which differ from the target's."""
 
     @classmethod
     def build(
@@ -81,6 +87,18 @@ class QuantReport:
                 "default sessions"
             )
         recipe = opts.recipe if opts.mode == "static" else None
+        if recipe is not None and choice.recipes.get(plan.runtime) == recipe.key:
+            notes.append(
+                f"recipe {recipe.key}: the fastest for {choice.target_cpu} in {plan.runtime} "
+                f"({choice.measured})"
+            )
+        if choice.fastest_runtime != plan.runtime:
+            notes.append(
+                f"the fastest int8 runtime measured on {choice.target_cpu} is "
+                f"{choice.fastest_runtime} ({choice.measured}); this model is for "
+                f"{plan.runtime} (quantize --runtime {choice.fastest_runtime} lays it out for "
+                "the other)"
+            )
         return cls(
             mode=opts.mode,
             quantized_ops=list(recipe.op_types if recipe else DYNAMIC_OPS),
@@ -124,7 +142,8 @@ class QuantReport:
                 f"{self.choice.reduce_range}",
             ),
             ("gate", f"{self.gate['metric']} >= {self.gate['threshold']}"),
-            ("for and measured in", self.runtime),
+            ("for and timed in", self.runtime),
+            ("gate measured on", self.judgement.get("measured")),
             ("top-1 agreement", a.top1),
             ("top-5 agreement", a.top5),
             ("min / mean cosine", f"{a.min_cosine:.5f} / {a.mean_cosine:.5f}"),
@@ -149,6 +168,14 @@ class QuantReport:
                     "int8 before fallback (ms)",
                     f"{self.latency_ms['int8 before fallback']:.2f} "
                     f"(x{self.speedup_before_fallback:.2f})",
+                )
+            )
+        if self.native_agreement is not None:
+            native = self.native_agreement
+            rows.append(
+                (
+                    "on this machine's kernels",
+                    f"top-1 {native.top1:.4f}, min cosine {native.min_cosine:.5f}",
                 )
             )
         rows += [
@@ -176,6 +203,7 @@ def metadata_quantization(report: QuantReport) -> dict:
         "calibration": report.calibration,
         "excluded_nodes": report.excluded_nodes,
         "gate": report.gate,
+        "gate_measured_on": report.judgement.get("measured"),
         "top1_agreement": report.agreement.top1,
         "min_cosine": report.agreement.min_cosine,
     }

@@ -31,6 +31,10 @@ class RunOptions:
     """Intra-op threads (None: the runtime's default, all cores)."""
     low_memory: bool = False
     """Hold the weights once: no pre-packing, no arena (large models; onnxruntime only)."""
+    unfused: bool = False
+    """Run the graph as written, without fusing (onnxruntime only): a QDQ model's products are
+    dequantized and summed in float, the integer arithmetic without saturation that CPUs whose
+    int8 kernels do not saturate compute (quantize/presets.judge)."""
     precision: str = "f32"
     """Inference precision where a runtime may choose (OpenVINO: f32 or bf16; onnxruntime
     runs the model's own types and takes only f32)."""
@@ -68,6 +72,8 @@ def load_model(
     """Load ``path`` into the named runtime."""
     options = options or RunOptions()
     check_runtime(runtime, options.precision)
+    if options.unfused and runtime != "onnxruntime":
+        raise ValueError("only onnxruntime runs a graph unfused")
     if runtime == "openvino":
         from coatnet_export.runtimes.openvino import OpenVinoModel
 

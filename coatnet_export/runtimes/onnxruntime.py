@@ -12,15 +12,19 @@ from coatnet_export.runtimes import RunOptions
 
 
 def make_session(
-    path: Path, threads: int | None = None, low_memory: bool = False
+    path: Path, threads: int | None = None, low_memory: bool = False, unfused: bool = False
 ) -> ort.InferenceSession:
-    """A CPU session with every graph optimisation enabled, worker threads spinning between
-    operators as onnxruntime ships them.
+    """A CPU session with every graph optimisation enabled (none when ``unfused``), worker
+    threads spinning between operators as onnxruntime ships them.
 
     ``low_memory`` skips weight pre-packing and the arena, so the weights are held once.
     """
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        if unfused
+        else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    )
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
@@ -43,7 +47,7 @@ class OrtModel:
     name = "onnxruntime"
 
     def __init__(self, path: Path, options: RunOptions) -> None:
-        self.session = make_session(path, options.threads, options.low_memory)
+        self.session = make_session(path, options.threads, options.low_memory, options.unfused)
         self.input_name = self.session.get_inputs()[0].name
 
     def run(self, batch: np.ndarray) -> np.ndarray:

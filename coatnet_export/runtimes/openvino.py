@@ -4,6 +4,7 @@ OpenVINO reads our ONNX files as they are (fp32, QDQ int8, external data) and ru
 batch axis without reshaping. The precision is f32 unless bf16 is asked for: left to itself,
 OpenVINO picks bf16 on CPUs that have it, about 5e-3 off (and slower on issue 11's Xeon).
 e2e models are refused: the CPU plugin does not reproduce their antialiased ``Resize``.
+int8 models run on one thread on x86 CPUs without VNNI (:func:`int8_threads`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from coatnet_export.console import warn_once
 from coatnet_export.errors import InputError
 from coatnet_export.runtimes import RunOptions
 
@@ -60,6 +62,25 @@ def compile_config(options: RunOptions) -> dict[str, object]:
     return config
 
 
+def int8_threads(model: Any, threads: int | None) -> int | None:
+    """The threads an int8 (QDQ) model may use: one on x86 without VNNI, where OpenVINO
+    2026.4.1's int8 kernels split across threads give results that depend on the batch and
+    change from run to run (the digits fixture, two threads, AVX2 emulated by qemu: up to
+    5.4 % of max |logit| at batch 2, none at batch 1 or on one thread; AMD EPYC without
+    AVX-512 reported the same 5 %); onnxruntime is also the faster int8 runtime there."""
+    from coatnet_export.quantize.presets import preset_for, read_cpu
+
+    quantized = any(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
+    if not quantized or threads == 1 or not preset_for(read_cpu()).saturates:
+        return threads
+    warn_once(
+        "OpenVINO runs int8 models on one thread on this CPU (x86 without VNNI): with more, "
+        "its int8 kernels give batch-dependent results here; onnxruntime is the faster int8 "
+        "runtime on this CPU class"
+    )
+    return 1
+
+
 def check_input(path: Path, model: Any) -> None:
     """One float input; e2e models (uint8 pixels in) are refused with the reason."""
     if len(model.inputs) != 1:
@@ -93,6 +114,9 @@ class OpenVinoModel:
                 "file beside it, complete?)"
             ) from None
         check_input(path, model)
+        threads = int8_threads(model, options.threads)
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
         self.input_name: str = model.inputs[0].get_any_name()
         try:
             compiled = core().compile_model(model, "CPU", config)
