@@ -22,6 +22,14 @@ DIGITS = Path(__file__).parent / "fixtures" / "digits"
 """The trained digits checkpoint (scripts/train_fixture.py), its labels and training record."""
 
 
+def pytest_report_header() -> str:
+    """The CPU class the suite runs on: tests whose truth depends on it say so."""
+    from coatnet_export.quantize.presets import preset_for, read_cpu
+
+    cpu = read_cpu()
+    return f"cpu class: {preset_for(cpu).name} ({cpu['model']}; {' '.join(cpu['int8'])})"
+
+
 def export_digits(root: Path) -> dict[str, Path]:
     """The trained digits fixture exported to ``root/export``, with 64 training images in
     ``root/calibration`` and the held-out ones in ``root/test``."""

@@ -110,6 +110,38 @@ def test_cpu_check_warns_where_accuracy_is_lost() -> None:
     assert choose_types("auto", cpu=x86_avx2).detected == "old laptop, avx2"
 
 
+CPUS = {
+    "x86-amx": {"arch": "x86_64", "model": "xeon", "int8": ["amx_int8", "avx512_vnni", "avx2"]},
+    "x86-vnni": {"arch": "x86_64", "model": "epyc", "int8": ["avx512_vnni", "avx2"]},
+    "x86-avx2": {"arch": "x86_64", "model": "laptop", "int8": ["avx2"]},
+    "arm64-dotprod": {"arch": "arm64", "model": "pi 5", "int8": ["asimddp"]},
+    "arm64": {"arch": "arm64", "model": "pi 4", "int8": []},
+}
+
+
+@pytest.mark.parametrize("host", list(CPUS))
+@pytest.mark.parametrize("target", list(PRESETS))
+def test_the_gate_measures_as_the_target_computes(host: str, target: str) -> None:
+    """Exactly (the QDQ graph unfused) where the machine that quantizes saturates and the
+    target does not; on the machine's own kernels everywhere else."""
+    assert presets.preset_for(CPUS[host]).name == host
+    judgement = presets.judge(choose_types(target), CPUS[host])
+    assert judgement.exact is (host == "x86-avx2" and target != "x86-avx2")
+    assert judgement.label.startswith("exact" if judgement.exact else "this machine")
+    # the preset names the fastest runtime for its class, and a recipe for each runtime
+    preset = PRESETS[target]
+    assert preset.runtime in ("onnxruntime", "openvino") and preset.measured
+    assert {r for r, _ in preset.recipes} == {"onnxruntime", "openvino"}
+
+
+def test_a_saturating_target_measured_on_a_cpu_that_does_not_saturate_says_so() -> None:
+    choice = choose_types("x86-avx2", reduce_range=False)
+    assert choice.saturates
+    judgement = presets.judge(choice, CPUS["x86-vnni"])
+    assert not judgement.exact and "optimistic" in judgement.reason
+    assert not presets.judge(choice, CPUS["x86-avx2"]).exact  # both saturate alike
+
+
 def test_infer_script_carries_an_exact_copy_of_the_cpu_check() -> None:
     script = load_script()
     for name in ("read_cpu", "int8_warnings"):

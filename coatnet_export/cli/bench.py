@@ -138,6 +138,10 @@ def bench(
     click.echo(
         f"model: {plan.macs_per_image * 2 / 1e9:.2f} GFLOP per image; {describe_peaks(peaks)}"
     )
+    if any("int8" in row["name"] for row in table):
+        from coatnet_export.quantize.presets import fastest_int8
+
+        click.echo(f"note: {fastest_int8()}")
     if json_path:
         write_json(
             json_path,

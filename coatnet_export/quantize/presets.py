@@ -231,7 +231,7 @@ class QuantChoice:
     def saturates(self) -> bool:
         """Whether the target's kernels can saturate on these types (x86 without VNNI with
         full-range 8-bit weights)."""
-        return _saturates(self.target_cpu, self)
+        return saturates_on(self.target_cpu, self)
 
     def describe(self) -> str:
         """One line: the target, the types and the reason."""
@@ -293,7 +293,9 @@ def choose_types(
     return choice
 
 
-def _saturates(preset_name: str, choice: QuantChoice) -> bool:
+def saturates_on(preset_name: str, choice: QuantChoice) -> bool:
+    """Whether the int8 kernels of the class ``preset_name`` can saturate on ``choice``'s
+    types (x86 without VNNI with full-range 8-bit weights)."""
     preset = PRESETS.get(preset_name, GENERIC)
     return preset.saturates and choice.weight_type == "int8" and not choice.reduce_range
 
@@ -319,7 +321,7 @@ def judge(choice: QuantChoice, cpu: dict | None = None) -> Judgement:
     compute as the target's, else exactly (this machine saturates where the target does not)."""
     cpu = cpu or read_cpu()
     here = preset_for(cpu)
-    here_saturates = _saturates(here.name, choice)
+    here_saturates = saturates_on(here.name, choice)
     if here_saturates and not choice.saturates:
         return Judgement(
             True,
@@ -336,4 +338,15 @@ def judge(choice: QuantChoice, cpu: dict | None = None) -> Judgement:
         )
     return Judgement(
         False, f"this machine's int8 kernels ({here.name}) compute as {choice.target_cpu}'s"
+    )
+
+
+def fastest_int8(target_cpu: str | None = None) -> str:
+    """One line: the fastest int8 runtime and recipe measured for ``target_cpu`` (a preset
+    name; None: this machine's class), and where that comes from."""
+    preset = PRESETS.get(target_cpu or "") or preset_for(read_cpu())
+    recipe = preset.recipe_for(preset.runtime)
+    return (
+        f"the fastest int8 for {preset.name} is {preset.runtime} with recipe {recipe} "
+        f"(quantize --target-cpu {preset.name} --runtime {preset.runtime}): {preset.measured}"
     )

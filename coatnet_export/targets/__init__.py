@@ -94,13 +94,16 @@ def int8_layout_notes(export_dir: Path, runtime: str) -> list[str]:
     if not path.is_file():
         return []
     metadata = metadata_of(onnx.load(str(path), load_external_data=False), path)
+    from coatnet_export.quantize.presets import fastest_int8
+
     laid_out_for = int8_layout(metadata)
-    if laid_out_for == runtime:
-        return []
-    return [
-        f"{INT8_FILE} is laid out for {laid_out_for}, and {runtime} runs it slower (for "
-        f"onnxruntime, no faster than fp32): quantize with --runtime {runtime} for this target"
-    ]
+    notes = [fastest_int8(((metadata and metadata.quantization) or {}).get("target_cpu"))]
+    if laid_out_for != runtime:
+        notes.append(
+            f"{INT8_FILE} is laid out for {laid_out_for}, and {runtime} runs it slower (for "
+            f"onnxruntime, no faster than fp32): quantize with --runtime {runtime} for this target"
+        )
+    return notes
 
 
 TARGETS: dict[str, Target] = {
