@@ -6,14 +6,16 @@ import zipfile
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from coatnet_export.errors import InputError
 from coatnet_export.preprocess import Preprocessing, list_images, load_images
 from coatnet_export.runtimes import RunOptions, load_model
-from models import CoAtNet
+
+if TYPE_CHECKING:  # torch loads when a reference runs, not when the command line starts
+    from models import CoAtNet
 
 
 @dataclass(frozen=True)
@@ -189,12 +191,14 @@ def recorded_case(
     return Case(f"recorded outputs ({path.name})", x, y, RECORDED_GATES)
 
 
-@torch.no_grad()
 def add_reference_outputs(model: CoAtNet, cases: list[Case]) -> None:
     """Fill each case's reference from the PyTorch model (before any export rewrite)."""
-    for case in cases:
-        if case.reference is None:
-            case.reference = model(torch.from_numpy(case.inputs)).float().numpy()
+    import torch
+
+    with torch.no_grad():
+        for case in cases:
+            if case.reference is None:
+                case.reference = model(torch.from_numpy(case.inputs)).float().numpy()
 
 
 def compare(name: str, reference: np.ndarray, actual: np.ndarray, gates: Gates) -> CaseResult:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from coatnet_export.cli.options import runtime_options
+from coatnet_export.cli.options import THREADS, runtime_options
 from coatnet_export.console import render_table
 from coatnet_export.metadata import write_json
 
@@ -37,7 +37,7 @@ from coatnet_export.metadata import write_json
 @click.option(
     "--threads",
     "threads",
-    type=click.IntRange(1),
+    type=THREADS,
     multiple=True,
     help="Thread counts (repeat the option) [default: 1 and all cores].",
 )

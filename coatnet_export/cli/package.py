@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from coatnet_export.cli.options import THREADS
 from coatnet_export.console import render_table
 from coatnet_export.errors import InputError
 from coatnet_export.metadata import write_json
@@ -51,7 +52,7 @@ def target_option(target: str, *decls: str, **attrs: Any):
     default=None,
     help="Also write what was built (files, table, notes) to this JSON file.",
 )
-@click.option("--threads", type=click.IntRange(1), default=None, help="onnxruntime threads.")
+@click.option("--threads", type=THREADS, default=None, help="onnxruntime threads.")
 @target_option(
     "e2e",
     "--check-images",

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from coatnet_export.cli.options import THREADS
 from coatnet_export.console import render_table
 from coatnet_export.metadata import write_json
 
@@ -40,13 +41,13 @@ SUMMARY_COLUMNS = (
 )
 @click.option(
     "--workers",
-    type=click.IntRange(1),
+    type=THREADS,
     help="Worker processes or Ray actors [default: local, one per core; ray, one per core "
     "but one left for reading].",
 )
 @click.option(
     "--threads-per-worker",
-    type=click.IntRange(1),
+    type=THREADS,
     default=1,
     show_default=True,
     help="onnxruntime threads in each worker.",

@@ -85,6 +85,8 @@ GENERIC = CpuPreset(
     "no known int8 dot-product instructions on this CPU: reduce_range for safety",
 )
 TARGET_CHOICES = ("auto", *PRESETS)
+GATES = ("auto", "top1", "cosine")
+"""What ``--gate`` takes: int8 against fp32 by top-1 agreement or by cosine similarity."""
 """What ``--target-cpu`` accepts."""
 
 

@@ -16,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 
 from coatnet_export.errors import InputError
+from coatnet_export.sources import CHECKPOINT_FORMATS, CheckpointFormat  # noqa: F401
 from coatnet_export.sources.lucid import looks_like_lucid, read_lcd, to_tensors
 from models import CoAtNet
 from models.coatnet import STAGE_STRIDES
@@ -27,10 +28,6 @@ DERIVED_KEYS = ("relative_index", "num_batches_tracked")
 
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 """Keys under which training scripts commonly nest the state dict."""
-
-
-CheckpointFormat = Literal["auto", "torch", "lucid"]
-CHECKPOINT_FORMATS: tuple[CheckpointFormat, ...] = ("auto", "torch", "lucid")
 
 
 @dataclass
