@@ -187,6 +187,21 @@ def check_output_file(path: Path, option: str = "--report") -> None:
     _check_writable_dir(path.parent, option)
 
 
+def check_input_file(path: Path, what: str, fix: str) -> None:
+    """InputError unless ``path`` is a readable regular file, saying what it is instead:
+    missing, a directory, something else (``fix``: how to give the right file)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise InputError(f"{what} {path} does not exist ({fix})") from None
+    except OSError as exc:
+        raise InputError(f"{what} {path}: {os_error_message(exc, doing='resolving')}") from None
+    if stat.S_ISDIR(mode):
+        raise InputError(f"{what} {path} is a directory, not a file ({fix})")
+    if not stat.S_ISREG(mode):
+        raise InputError(f"{what} {path} is not a regular file ({fix})")
+
+
 @contextlib.contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
     """A temporary path beside ``path``; renamed onto it when the block succeeds."""

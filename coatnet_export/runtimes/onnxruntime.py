@@ -45,6 +45,8 @@ class OrtModel:
     def __init__(self, path: Path, options: RunOptions) -> None:
         self.session = make_session(path, options.threads, options.low_memory)
         self.input_name = self.session.get_inputs()[0].name
+        last = (self.session.get_outputs()[0].shape or [None])[-1]
+        self.classes: int | None = last if isinstance(last, int) else None
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: batch})[0]

@@ -94,6 +94,9 @@ class OpenVinoModel:
             ) from None
         check_input(path, model)
         self.input_name: str = model.inputs[0].get_any_name()
+        shape = model.outputs[0].get_partial_shape()
+        dims = list(shape) if shape.rank.is_static else []
+        self.classes: int | None = dims[-1].get_length() if dims and dims[-1].is_static else None
         try:
             compiled = core().compile_model(model, "CPU", config)
         except RuntimeError as exc:

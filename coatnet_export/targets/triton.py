@@ -26,8 +26,9 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from coatnet_export.errors import InputError
 from coatnet_export.inspect import load_proto
+from coatnet_export.limits import check_int32
 from coatnet_export.metadata import ExportMetadata
-from coatnet_export.output import check_destination, publish, staging
+from coatnet_export.output import check_member_name, claim, publish, staging
 from coatnet_export.targets import (
     INT8_FILE,
     MODEL_FILE,
@@ -170,7 +171,10 @@ def external_files(proto: onnx.ModelProto) -> list[str]:
 
 
 def model_name(requested: str | None, metadata: ExportMetadata, int8: bool) -> str:
-    name = requested or metadata.variant + ("_int8" if int8 else "")
+    """The model's folder in the repository: one plain name (``--name`` cannot leave it)."""
+    name = check_member_name(
+        metadata.variant + ("_int8" if int8 else "") if requested is None else requested, "--name"
+    )
     if not NAME_PATTERN.match(name):
         raise InputError(
             f"model name {name!r} must use letters, digits, '_', '-' and '.' only (--name)"
@@ -193,8 +197,7 @@ def write_repository(export_dir: Path, output: Path, options: TritonOptions, for
     config = build_config(name, inputs, outputs, options)
     classes = outputs[0].shape[-1] or metadata.num_classes
     labels = metadata.labels if metadata.labels and len(metadata.labels) == classes else None
-    check_destination(output, force)
-    with staging(output) as stage:
+    with claim(output, force, [export_dir]) as claimed, staging(claimed) as stage:
         version = stage / name / "1"
         version.mkdir(parents=True)
         shutil.copyfile(source, version / MODEL_FILE)
@@ -230,11 +233,13 @@ def build(request: PackageRequest) -> PackageResult:
     options = TritonOptions(
         name=given.get("name"),
         int8=bool(given.get("int8")),
-        instances=given.get("instances") or 1,
+        instances=check_int32(given.get("instances") or 1, "--instances", "Triton's count"),
         threads=given.get("threads"),
         max_batch_size=given.get("max_batch_size"),
         openvino=bool(given.get("openvino")),
     )
+    if options.max_batch_size is not None:
+        check_int32(options.max_batch_size, "--max-batch-size", "Triton's max_batch_size")
     folder = write_repository(request.export_dir, request.output, options, request.force)
     config = text_format.Parse(
         (folder / "config.pbtxt").read_text(), model_config_pb2().ModelConfig()
