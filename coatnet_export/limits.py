@@ -33,12 +33,11 @@ def max_threads() -> int:
 def threads_problem(count: int) -> str | None:
     """Why ``count`` threads are too many here, or None."""
     if count < 1:
-        return f"{count} is not a positive number of threads"
+        return f"{count} is not a positive count"
     if count > max_threads():
         return (
-            f"{count} threads is more than this machine can run usefully (at most "
-            f"{max_threads()}: {THREADS_PER_CORE} per core for its {cores()} core(s), "
-            f"{MAX_THREADS} at most)"
+            f"{count} is more than this machine runs usefully: at most {max_threads()} "
+            f"({THREADS_PER_CORE} per core of its {cores()}, never above {MAX_THREADS})"
         )
     return None
 
@@ -47,15 +46,16 @@ def check_threads(count: int, option: str = "--threads") -> int:
     """``count`` if this machine can run that many threads; else InputError naming ``option``."""
     problem = threads_problem(count)
     if problem is not None:
-        raise InputError(f"{option}: {problem} (ask for fewer)")
+        raise InputError(f"{option}: {problem}; ask for fewer")
     return count
 
 
-def check_int32(value: int, option: str, target: str) -> int:
-    """``value`` if it fits the signed 32-bit field ``target`` stores it in; else InputError."""
+def check_int32(value: int, option: str, field: str) -> int:
+    """``value`` if it fits ``field``, a signed 32-bit field of another program; else
+    InputError."""
     if not 0 <= value <= INT32_MAX:
         raise InputError(
-            f"{option} {value} does not fit {target}'s 32-bit field (at most {INT32_MAX:,}; "
-            "ask for less)"
+            f"{option} {value} is too large for {field}, a signed 32-bit field (at most "
+            f"{INT32_MAX:,}; ask for less)"
         )
     return value

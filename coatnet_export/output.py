@@ -100,12 +100,12 @@ def check_apart(
             )
         if real in theirs.parents:
             raise InputError(
-                f"{option} {path} holds {what} {other}: writing it would delete it (move "
-                f"{what.removeprefix('the ')}, or choose another {option})"
+                f"{option} {path} holds {what} {other}: writing it would delete it (move it, "
+                f"or choose another {option})"
             )
         if inside_counts and theirs in real.parents:
             raise InputError(
-                f"{option} {path} is inside {what} {other} (choose an {option} outside it)"
+                f"{option} {path} is inside {what} {other} (give {option} a path outside it)"
             )
 
 

@@ -15,7 +15,14 @@ import traceback
 
 import click
 
-from coatnet_export.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, explain, handle_signals
+from coatnet_export.errors import (
+    EXIT_INPUT,
+    EXIT_INTERNAL,
+    EXIT_OK,
+    explain,
+    handle_signals,
+    release_interrupted,
+)
 from models import ConfigError
 
 DEFAULT_COMMAND = "export"
@@ -101,6 +108,8 @@ def _run(argv: list[str] | None) -> int:
         message, code = explain(exc)
         if code == EXIT_INTERNAL and os.environ.get(DEBUG_ENV):
             traceback.print_exc()
+        if message == "aborted":
+            release_interrupted(exc)
         click.echo(message, err=True)
         return code
     return EXIT_OK

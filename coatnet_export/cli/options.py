@@ -45,7 +45,7 @@ class ThreadsType(click.IntRange):
         count = super().convert(value, param, ctx)
         problem = threads_problem(count)
         if problem is not None:
-            self.fail(f"{problem} (ask for fewer)", param, ctx)
+            self.fail(f"{problem}; ask for fewer", param, ctx)
         return count
 
 

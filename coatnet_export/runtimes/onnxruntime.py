@@ -21,7 +21,7 @@ def make_session(
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors come back as exceptions: no coloured log line too
     if threads:
         options.intra_op_num_threads = threads
     if low_memory:
