@@ -233,7 +233,7 @@ def build(request: PackageRequest) -> PackageResult:
     options = TritonOptions(
         name=given.get("name"),
         int8=bool(given.get("int8")),
-        instances=check_int32(given.get("instances") or 1, "--instances", "Triton's instance_group count"),
+        instances=check_int32(given.get("instances") or 1, "--instances", "Triton's count"),
         threads=given.get("threads"),
         max_batch_size=given.get("max_batch_size"),
         openvino=bool(given.get("openvino")),
