@@ -47,7 +47,7 @@ def check_destination(final: Path, force: bool, inputs: Iterable[Path] = ()) -> 
         if not final.is_dir():
             raise InputError(f"output {final} exists and is not a directory")
         _check_not_holding_cwd(final)
-    check_apart(final, "--output", inputs, folder=True)
+    check_apart(final, "--output", inputs)
     _check_writable_dir(_existing_ancestor(final.parent), "--output")
 
 
@@ -76,22 +76,14 @@ def _check_not_holding_cwd(final: Path) -> None:
 
 
 def check_apart(
-    path: Path,
-    option: str,
-    inputs: Iterable[Path] = (),
-    outputs: Iterable[tuple[str, Path]] = (),
-    folder: bool = False,
+    path: Path, option: str, inputs: Iterable[Path] = (), outputs: Iterable[tuple[str, Path]] = ()
 ) -> None:
     """Refuse an output ``path`` that is one of ``inputs`` or of the other ``outputs`` (each
-    ``(option, path)``), holds one, or lies inside one, whatever ``--force`` says.
-
-    Inside an input counts for a ``folder`` output only (replaced whole); a file output may be
-    written in an input folder (predictions beside the photos), never inside another output.
-    """
+    ``(option, path)``), holds one, or lies inside one, whatever ``--force`` says: writing it
+    would replace or delete what the command reads, or what it writes besides."""
     real = absolute(path).resolve()
-    others = [("the input", p, folder) for p in inputs]
-    others += [(f"the {name}", p, True) for name, p in outputs]
-    for what, other, inside_counts in others:
+    others = [("the input", p) for p in inputs] + [(f"the {name}", p) for name, p in outputs]
+    for what, other in others:
         theirs = absolute(other).resolve()
         if real == theirs:
             raise InputError(
@@ -103,7 +95,7 @@ def check_apart(
                 f"{option} {path} holds {what} {other}: writing it would delete it (move it, "
                 f"or choose another {option})"
             )
-        if inside_counts and theirs in real.parents:
+        if theirs in real.parents:
             raise InputError(
                 f"{option} {path} is inside {what} {other} (give {option} a path outside it)"
             )
