@@ -76,14 +76,24 @@ def _check_not_holding_cwd(final: Path) -> None:
 
 
 def check_apart(
-    path: Path, option: str, inputs: Iterable[Path] = (), outputs: Iterable[tuple[str, Path]] = ()
+    path: Path,
+    option: str,
+    inputs: Iterable[Path] = (),
+    outputs: Iterable[tuple[str, Path]] = (),
+    scanned: Iterable[Path] = (),
 ) -> None:
     """Refuse an output ``path`` that is one of ``inputs`` or of the other ``outputs`` (each
     ``(option, path)``), holds one, or lies inside one, whatever ``--force`` says: writing it
-    would replace or delete what the command reads, or what it writes besides."""
+    would replace or delete what the command reads, or what it writes besides.
+
+    ``scanned`` inputs are folders the command takes only some files from (predict's images):
+    an output may be written among those files, never be or hold one of them.
+    """
     real = absolute(path).resolve()
-    others = [("the input", p) for p in inputs] + [(f"the {name}", p) for name, p in outputs]
-    for what, other in others:
+    others = [("the input", p, True) for p in inputs]
+    others += [(f"the {name}", p, True) for name, p in outputs]
+    others += [("the input", p, False) for p in scanned]
+    for what, other, whole in others:
         theirs = absolute(other).resolve()
         if real == theirs:
             raise InputError(
@@ -95,7 +105,7 @@ def check_apart(
                 f"{option} {path} holds {what} {other}: writing it would delete it (move it, "
                 f"or choose another {option})"
             )
-        if theirs in real.parents:
+        if whole and theirs in real.parents:
             raise InputError(
                 f"{option} {path} is inside {what} {other} (give {option} a path outside it)"
             )

@@ -177,6 +177,19 @@ def test_predict_json_and_output_apart(case, run_cli) -> None:
     photo = case["photos"] / "0.png"
     args = ["predict", case["export"], photo, "--output", photo, "--force"]
     check_refused(lambda: run_cli(*args), case["root"], "is the input")
+    args = ["predict", case["export"], case["photos"], "--output", case["export"] / "p.parquet"]
+    check_refused(lambda: run_cli(*args), case["root"], "is inside the input")
+
+
+def test_predictions_may_be_written_among_the_photos(case, run_cli) -> None:
+    """An image folder is scanned for images only: a Parquet file (or --json) among them is
+    no overlap, and a rerun with --force replaces it."""
+    out, summary = case["photos"] / "p.parquet", case["photos"] / "s.json"
+    pattern = str(case["photos"] / "*.png")
+    for extra in ([], ["--force"]):
+        result = run_cli("predict", case["export"], pattern, "-o", out, "--json", summary, *extra)
+        assert result.code == 0, result.err
+    assert out.is_file() and summary.is_file()
 
 
 def test_bench_and_validate_side_files(case, run_cli) -> None:
@@ -340,6 +353,15 @@ def test_triton_numbers_fit_its_fields(name: str, case, run_cli) -> None:
     extra, fragment = TRITON_NUMBERS[name]
     args = ["package", case["export"], *TRITON, "--output", case["root"] / "repo", *extra]
     check_refused(lambda: run_cli(*args), case["root"], fragment)
+
+
+def test_triton_memory_beyond_this_machine_is_noted(case, run_cli) -> None:
+    """The server may be another machine: a repository it needs more memory for is written,
+    with the estimate in a note."""
+    args = ["package", case["export"], *TRITON, "--output", case["root"] / "repo"]
+    result = run_cli(*args, "--instances", 100000, "--max-batch-size", 100000)
+    assert result.code == 0, result.err
+    assert "100000 instance(s) at batch 100000 need at least" in result.out
 
 
 # --- every runtime's logits checked before a figure ---------------------------------------------

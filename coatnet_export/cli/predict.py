@@ -92,7 +92,7 @@ def predict(
     an error (null, or why the image could not be read). Preprocessing and labels come from
     the export's metadata.
     """
-    from coatnet_export.predict.run import PredictOptions, input_paths, run_predict
+    from coatnet_export.predict.run import PredictOptions, image_inputs, run_predict
 
     options = PredictOptions(
         export=export,
@@ -109,9 +109,10 @@ def predict(
         address=address,
     )
     if json_path:  # before the predictions are published
-        from coatnet_export.output import check_side_file
+        from coatnet_export.output import check_apart, check_side_file
 
-        check_side_file(json_path, "--json", input_paths(options), [("--output", output)])
+        check_side_file(json_path, "--json", [export], [("--output", output)])
+        check_apart(json_path, "--json", scanned=image_inputs(options))
     summary = run_predict(options)
     click.echo(render_table([summary], SUMMARY_COLUMNS))
     if json_path:

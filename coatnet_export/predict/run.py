@@ -66,19 +66,19 @@ def _check(options: PredictOptions) -> None:
     elif options.address:
         raise InputError("--address is for --engine ray")
     check_inputs(options.inputs, allow_uris=options.engine == "ray")
-    check_apart(options.output, "--output", input_paths(options))
+    check_apart(options.output, "--output", [options.export], scanned=image_inputs(options))
     check_workers(options)
 
 
-def input_paths(options: PredictOptions) -> list[Path]:
-    """The local paths predict reads: the export and the inputs (a glob: its fixed folder)."""
+def image_inputs(options: PredictOptions) -> list[Path]:
+    """The local paths predict reads images from (a glob: its fixed folder)."""
     from coatnet_export.predict.common import GLOB_CHARS, is_uri
 
-    paths = [options.export]
+    paths = []
     for text in options.inputs:
         if not is_uri(text):
             parts = Path(text.removeprefix("file://")).parts
-            fixed = [p for p in itertools.takewhile(lambda p: not set(p) & set(GLOB_CHARS), parts)]
+            fixed = list(itertools.takewhile(lambda p: not set(p) & set(GLOB_CHARS), parts))
             paths.append(Path(*fixed) if fixed else Path("."))
     return paths
 

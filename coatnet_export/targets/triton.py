@@ -210,6 +210,32 @@ def write_repository(export_dir: Path, output: Path, options: TritonOptions, for
     return output / name
 
 
+def memory_notes(metadata: ExportMetadata, config: Any, instances: int) -> list[str]:
+    """A note when ``instances`` copies of the model, each running its largest batch, need
+    more memory than this machine has (the server may be another machine: not an error)."""
+    from coatnet_export.sources.model_source import ModelSpec
+    from coatnet_export.sources.resources import available_memory, estimate_memory, format_bytes
+    from models import VariantSpec
+
+    try:
+        architecture = VariantSpec.from_dict(metadata.architecture)
+    except (KeyError, TypeError, ValueError):
+        return []
+    spec = ModelSpec(
+        architecture, tuple(metadata.img_size), metadata.in_channels, metadata.num_classes
+    )
+    batch = config.max_batch_size or int(metadata.batch)
+    needed = instances * estimate_memory(spec, batch, batch).total
+    available = available_memory()
+    if available is None or needed <= available:
+        return []
+    return [
+        f"{instances} instance(s) at batch {batch} need at least {format_bytes(needed)} of "
+        f"memory, more than the {format_bytes(available)} available here: give the server "
+        "that much, or lower --instances or --max-batch-size"
+    ]
+
+
 def summary_rows(config: Any) -> list[dict[str, Any]]:
     """One row per input and output: what Triton will be told."""
     schema = model_config_pb2()
@@ -251,6 +277,7 @@ def build(request: PackageRequest) -> PackageResult:
         f"-v {request.output.resolve()}:/models {SERVER_IMAGE} "
         "tritonserver --model-repository=/models",
     ]
+    notes += memory_notes(export_metadata(request.export_dir), config, options.instances)
     if options.int8:
         runtime = "openvino" if options.openvino else "onnxruntime"
         notes += int8_layout_notes(request.export_dir, runtime)
