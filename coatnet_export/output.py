@@ -130,6 +130,8 @@ def check_member_name(name: str, option: str) -> str:
         reason = "it is empty"
     elif name in (".", ".."):
         reason = f"{name!r} is not a name but the folder {'itself' if name == '.' else 'above'}"
+    elif os.path.isabs(name):
+        reason = "it is an absolute path"
     elif "/" in name or os.sep in name or "\x00" in name:
         reason = "it holds a path separator (a name, not a path)"
     if reason is not None:

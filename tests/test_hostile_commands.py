@@ -124,7 +124,7 @@ NAMES = {
     "parent": ("..", "the folder above"),
     "itself": (".", "the folder itself"),
     "a path": ("a/b", "path separator"),
-    "absolute": ("/tmp/model", "path separator"),
+    "absolute": ("/tmp/model", "an absolute path"),
     "empty": ("", "it is empty"),
 }
 
