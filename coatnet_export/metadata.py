@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import onnx
+if TYPE_CHECKING:  # onnx and numpy load when a model is read, not when the command line starts
+    import onnx
 
-from coatnet_export.preprocess import Preprocessing
+    from coatnet_export.preprocess import Preprocessing
 
 PRODUCER = "coatnet-export"
 
@@ -45,6 +46,8 @@ class ExportMetadata:
 
     def preprocessing(self) -> Preprocessing:
         """The preprocessing the model was exported with."""
+        from coatnet_export.preprocess import Preprocessing
+
         return Preprocessing(
             (self.img_size[0], self.img_size[1]),
             tuple(self.mean),
@@ -85,6 +88,8 @@ def int8_layout(metadata: ExportMetadata | None) -> str:
 def write_props(model: onnx.ModelProto, metadata: ExportMetadata) -> None:
     """Replace the model's metadata_props with ``metadata``."""
     del model.metadata_props[:]
+    import onnx
+
     onnx.helper.set_model_props(model, metadata.to_props())
 
 

@@ -11,21 +11,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from coatnet_export.errors import InputError
+from coatnet_export.gates import RESULT_COLUMNS, Gates  # noqa: F401 (validate's, as before)
 from coatnet_export.preprocess import Preprocessing, list_images, load_images
 from coatnet_export.runtimes import RunOptions, load_model
 
 if TYPE_CHECKING:  # torch loads when a reference runs, not when the command line starts
     from models import CoAtNet
-
-
-@dataclass(frozen=True)
-class Gates:
-    """Pass criteria of a parity check."""
-
-    max_rel_error: float = 1e-4
-    """Largest |onnx - torch| allowed, relative to the largest |logit| of the reference."""
-    min_top1: float = 1.0
-    """Smallest fraction of samples whose top-1 class must agree."""
 
 
 @dataclass
@@ -253,17 +244,3 @@ def validate_onnx(
     ]
     del model
     return results
-
-
-RESULT_COLUMNS = (
-    "case",
-    "batch",
-    "max_abs",
-    "max_rel",
-    "mean_abs",
-    "min_cosine",
-    "top1",
-    "top5",
-    "nonfinite",
-    "passed",
-)

@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING
 import click
 
 from coatnet_export.errors import InputError, os_error_message
+from coatnet_export.gates import Gates
 from coatnet_export.limits import threads_problem
 from coatnet_export.quantize.presets import GATES, TARGET_CHOICES
 from coatnet_export.quantize.recipes import RECIPES
 from coatnet_export.runtimes import RUNTIMES
 from coatnet_export.runtimes.openvino import PRECISIONS
-from coatnet_export.validate import Gates
 
 if TYPE_CHECKING:
     from coatnet_export.quantize.pipeline import QuantOptions

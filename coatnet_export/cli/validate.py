@@ -9,9 +9,9 @@ import click
 from coatnet_export.cli.options import gate_options, runtime_options, validation_inputs_options
 from coatnet_export.console import Progress, render_table
 from coatnet_export.errors import GateFailed, writing
+from coatnet_export.gates import RESULT_COLUMNS, Gates
 from coatnet_export.metadata import write_json
 from coatnet_export.output import check_side_file
-from coatnet_export.validate import RESULT_COLUMNS, Gates
 
 
 @click.command()

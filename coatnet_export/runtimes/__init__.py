@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
-
-import numpy as np
+from typing import TYPE_CHECKING, Protocol
 
 from coatnet_export.errors import InputError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 RUNTIMES = ("onnxruntime", "openvino")
 """Runtime names accepted by ``--runtime``."""

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from coatnet_export.errors import InputError
 from coatnet_export.runtimes import RunOptions
+
+if TYPE_CHECKING:
+    import numpy as np
 
 PRECISIONS = ("f32", "bf16")
 """Inference precisions ``--precision`` accepts."""
