@@ -94,13 +94,12 @@ def write_props(model: onnx.ModelProto, metadata: ExportMetadata) -> None:
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON atomically: to a temporary name beside ``path``, then rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    """Write JSON atomically: to a temporary name of its own beside ``path``, then rename (a
+    failed write, a full disk, leaves nothing behind; two writers never tear the file)."""
+    from coatnet_export.output import atomic_file
+
+    with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)  # a failed write (disk full) leaves nothing behind
 
 
 def record_artefacts(export_dir: Path, artefacts: dict[str, tuple[str, str]]) -> None:

@@ -208,12 +208,16 @@ def check_input_file(path: Path, what: str, fix: str) -> None:
 
 @contextlib.contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path``; renamed onto it when the block succeeds."""
+    """A temporary path beside ``path`` (its own: concurrent writers never share one); renamed
+    onto it, with a normal file's mode, when the block succeeds."""
     path = absolute(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        Path(tmp).chmod(0o666 & ~umask)  # mkstemp makes it private
         Path(tmp).replace(path)
     finally:
         Path(tmp).unlink(missing_ok=True)
