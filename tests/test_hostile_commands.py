@@ -327,7 +327,8 @@ def test_bench_batch_checked_against_a_memory_limit(case) -> None:
 @pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="needs openvino")
 def test_openvino_short_of_memory_gives_no_figure(case) -> None:
     """OpenVINO, short of memory under a real limit, returns no rows without an error: the
-    logits' shape check turns that into exit 2 instead of a p50 of a fraction of a ms."""
+    logits' shape check turns that into exit 2 instead of a p50 of a fraction of a ms (on
+    this machine; where the estimate or an allocation fails first, that is exit 2 as well)."""
     root = case["root"]
     before = snapshot(root)
     args = ["bench", case["export"], "--no-torch", "--runtime", "openvino", "--batch", "12000"]
@@ -337,7 +338,8 @@ def test_openvino_short_of_memory_gives_no_figure(case) -> None:
     assert "images_per_s" not in result.out  # no table
     errors = [line for line in result.err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.err
-    assert any(t in errors[0] for t in ("returned logits of shape", "out of memory")), errors
+    guards = ("returned logits of shape", "out of memory", "needs at least")  # whichever fires
+    assert any(t in errors[0] for t in guards), errors
     assert snapshot(root) == before
 
 
