@@ -7,10 +7,14 @@ import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
+
+if TYPE_CHECKING:
+    from models import VariantSpec
 
 REWARM_CALLS = 1
 """Untimed calls before each timed one, after switching candidates: they absorb the switch
@@ -277,9 +281,10 @@ def plan_bench(
     say: Callable[[str], None],
     runtimes: tuple[str, ...] = ("onnxruntime",),
     precision: str = "f32",
+    largest_batch: int = 1,
 ) -> BenchPlan:
     """Targets for ``coatnet-export bench``: the given ONNX models in every runtime, and PyTorch
-    eager. ``precision`` applies to OpenVINO."""
+    eager. ``precision`` applies to OpenVINO; ``largest_batch`` must fit in memory."""
     from pathlib import Path
 
     from coatnet_export.console import Progress
@@ -298,6 +303,7 @@ def plan_bench(
     if not paths:
         if architecture is None:
             raise InputError("give ONNX models to time, or --variant NAME")
+        check_bench_memory(architecture, img_size or (224, 224), 3, 1000, largest_batch)
         say(f"exporting {variant} (fp32) for the benchmark ...")
         outcome = run_export(
             ExportOptions(
@@ -318,6 +324,7 @@ def plan_bench(
     size = img_size or (tuple(metadata.img_size) if metadata else (224, 224))
     channels = metadata.in_channels if metadata else 3
     classes = metadata.num_classes if metadata else 1000
+    check_bench_memory(architecture, size, channels, classes, largest_batch)
     targets, labels = [], {}
     if with_torch:
         model = init_weights(
@@ -333,3 +340,14 @@ def plan_bench(
             targets.append(model_target(name, path, runtime, openvino_precision))
     macs = variant_cost(architecture, size, classes, channels).macs
     return BenchPlan(targets, labels, (channels, *size), macs)
+
+
+def check_bench_memory(
+    architecture: VariantSpec, size: tuple[int, int], channels: int, classes: int, batch: int
+) -> None:
+    """Refuse a ``--batch`` whose model, activations and input cannot fit in memory."""
+    from coatnet_export.sources.model_source import ModelSpec
+    from coatnet_export.sources.resources import check_memory
+
+    spec = ModelSpec(architecture, size, channels, classes)
+    check_memory(spec, batch, batch, "use a smaller --batch")

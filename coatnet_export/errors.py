@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import os
 import signal
+import sys
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -196,13 +199,33 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def release_interrupted(exc: BaseException) -> None:
+    """Free what the frames an interruption unwound still hold, now, with the errors of its
+    finalisers dropped: an object a signal left half-built fails in its ``__del__``
+    (onnxruntime's ``ModelProtoWithShapeInfo`` lacks ``_tmp_model_path``), which Python would
+    print after ``aborted`` at exit."""
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        for current in _chain(exc):
+            if current.__traceback__ is not None:
+                traceback.clear_frames(current.__traceback__)
+        gc.collect()
+    finally:
+        sys.unraisablehook = previous
+
+
+OUT_OF_MEMORY = ("can't allocate memory", "failed to allocate memory", "bad_alloc")
+"""What libraries (torch, onnxruntime's arena, C++ allocations) say when memory ran out."""
+
+
 def _explain_one(exc: BaseException) -> tuple[str, int] | None:
     """The message and exit code of one expected exception, or None."""
     if isinstance(exc, (InputError, GateFailed)):
         return str(exc), exc.exit_code
     if isinstance(exc, OSError):
         return os_error_message(exc), EXIT_INPUT
-    if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc):
+    if isinstance(exc, MemoryError) or any(t in str(exc).lower() for t in OUT_OF_MEMORY):
         return (
             "out of memory (use a smaller --img-size or --batch, or a machine with more memory)",
             EXIT_INPUT,

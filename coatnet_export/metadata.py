@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import onnx
+if TYPE_CHECKING:  # onnx and numpy load when a model is read, not when the command line starts
+    import onnx
 
-from coatnet_export.preprocess import Preprocessing
+    from coatnet_export.preprocess import Preprocessing
 
 PRODUCER = "coatnet-export"
 
@@ -45,6 +46,8 @@ class ExportMetadata:
 
     def preprocessing(self) -> Preprocessing:
         """The preprocessing the model was exported with."""
+        from coatnet_export.preprocess import Preprocessing
+
         return Preprocessing(
             (self.img_size[0], self.img_size[1]),
             tuple(self.mean),
@@ -85,17 +88,18 @@ def int8_layout(metadata: ExportMetadata | None) -> str:
 def write_props(model: onnx.ModelProto, metadata: ExportMetadata) -> None:
     """Replace the model's metadata_props with ``metadata``."""
     del model.metadata_props[:]
+    import onnx
+
     onnx.helper.set_model_props(model, metadata.to_props())
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON atomically: to a temporary name beside ``path``, then rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    """Write JSON atomically: to a temporary name of its own beside ``path``, then rename (a
+    failed write, a full disk, leaves nothing behind; two writers never tear the file)."""
+    from coatnet_export.output import atomic_file
+
+    with atomic_file(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)  # a failed write (disk full) leaves nothing behind
 
 
 def record_artefacts(export_dir: Path, artefacts: dict[str, tuple[str, str]]) -> None:

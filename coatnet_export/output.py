@@ -3,7 +3,11 @@
 A directory output: :func:`claim` (check the destination, lock it against a second writer,
 remove what a killed run left behind) -> :func:`staging` (a hidden folder beside it) ->
 :func:`publish` (renames, with signals held back). A file output: :func:`check_output_file`
-up front, then :func:`atomic_file` to write it under a temporary name and rename it.
+up front (a side file such as ``--json``, written last: checked before any other output is
+published), or :func:`claim_file` (locked, its parents made) for a command's main file; then
+:func:`atomic_file` to write it under a temporary name and rename it. :func:`check_apart`
+keeps every output apart from every input and from the other outputs; :func:`check_member_name`
+keeps a name given for a path inside an output (``--name``) inside it.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from coatnet_export.errors import InputError, os_error_message, signals_deferred
@@ -42,7 +46,8 @@ def check_destination(final: Path, force: bool, inputs: Iterable[Path] = ()) -> 
             )
         if not final.is_dir():
             raise InputError(f"output {final} exists and is not a directory")
-        _check_not_holding(final, inputs)
+        _check_not_holding_cwd(final)
+    check_apart(final, "--output", inputs)
     _check_writable_dir(_existing_ancestor(final.parent), "--output")
 
 
@@ -60,7 +65,7 @@ def _check_not_symlink(path: Path, option: str) -> None:
         )
 
 
-def _check_not_holding(final: Path, inputs: Iterable[Path]) -> None:
+def _check_not_holding_cwd(final: Path) -> None:
     cwd = Path.cwd().resolve()
     real = final.resolve()
     if cwd == real or real in cwd.parents:
@@ -68,12 +73,73 @@ def _check_not_holding(final: Path, inputs: Iterable[Path]) -> None:
             f"output {final} is the current directory or holds it: --force would delete it "
             "(choose a new directory for --output)"
         )
-    for path in inputs:
-        if real in absolute(path).resolve().parents:
+
+
+def check_apart(
+    path: Path,
+    option: str,
+    inputs: Iterable[Path] = (),
+    outputs: Iterable[tuple[str, Path]] = (),
+    scanned: Iterable[Path] = (),
+) -> None:
+    """Refuse an output ``path`` that is one of ``inputs`` or of the other ``outputs`` (each
+    ``(option, path)``), holds one, or lies inside one, whatever ``--force`` says: writing it
+    would replace or delete what the command reads, or what it writes besides.
+
+    ``scanned`` inputs are folders the command takes only some files from (predict's images):
+    an output may be written among those files, never be or hold one of them.
+    """
+    real = absolute(path).resolve()
+    others = [("the input", p, True) for p in inputs]
+    others += [(f"the {name}", p, True) for name, p in outputs]
+    others += [("the input", p, False) for p in scanned]
+    for what, other, whole in others:
+        theirs = absolute(other).resolve()
+        if real == theirs:
             raise InputError(
-                f"output {final} holds the input {path}: --force would delete it (move the "
-                "input, or choose another --output)"
+                f"{option} {path} is {what} {other}: writing it would replace it (choose "
+                f"another {option})"
             )
+        if real in theirs.parents:
+            raise InputError(
+                f"{option} {path} holds {what} {other}: writing it would delete it (move it, "
+                f"or choose another {option})"
+            )
+        if whole and theirs in real.parents:
+            raise InputError(
+                f"{option} {path} is inside {what} {other} (give {option} a path outside it)"
+            )
+
+
+def check_side_file(
+    path: Path, option: str, inputs: Iterable[Path] = (), outputs: Iterable[tuple[str, Path]] = ()
+) -> None:
+    """A file written after the command's main output (``--json``, ``--report``): writable,
+    and apart from every input and output. Call it before the main output is published."""
+    check_output_file(path, option)
+    check_apart(path, option, inputs, outputs)
+
+
+def check_member_name(name: str, option: str) -> str:
+    """``name`` if it names one entry directly inside an output folder; else InputError.
+
+    Refused: empty, ``.``, ``..``, a path with a separator, an absolute path.
+    """
+    reason = None
+    if not name:
+        reason = "it is empty"
+    elif name in (".", ".."):
+        reason = f"{name!r} is not a name but the folder {'itself' if name == '.' else 'above'}"
+    elif os.path.isabs(name):
+        reason = "it is an absolute path"
+    elif "/" in name or os.sep in name or "\x00" in name:
+        reason = "it holds a path separator (a name, not a path)"
+    if reason is not None:
+        raise InputError(
+            f"{option} {name!r} must name one entry inside the output: {reason} (give a "
+            f"plain name, e.g. {option} my_model)"
+        )
+    return name
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -125,14 +191,33 @@ def check_output_file(path: Path, option: str = "--report") -> None:
     _check_writable_dir(path.parent, option)
 
 
+def check_input_file(path: Path, what: str, fix: str) -> None:
+    """InputError unless ``path`` is a readable regular file, saying what it is instead:
+    missing, a directory, something else (``fix``: how to give the right file)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise InputError(f"{what} {path} does not exist ({fix})") from None
+    except OSError as exc:
+        raise InputError(f"{what} {path}: {os_error_message(exc, doing='resolving')}") from None
+    if stat.S_ISDIR(mode):
+        raise InputError(f"{what} {path} is a directory, not a file ({fix})")
+    if not stat.S_ISREG(mode):
+        raise InputError(f"{what} {path} is not a regular file ({fix})")
+
+
 @contextlib.contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path``; renamed onto it when the block succeeds."""
+    """A temporary path beside ``path`` (its own: concurrent writers never share one); renamed
+    onto it, with a normal file's mode, when the block succeeds."""
     path = absolute(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        Path(tmp).chmod(0o666 & ~umask)  # mkstemp makes it private
         Path(tmp).replace(path)
     finally:
         Path(tmp).unlink(missing_ok=True)
@@ -184,30 +269,49 @@ def claim(final: Path, force: bool, inputs: Iterable[Path] = ()) -> Iterator[Pat
     """
     final = absolute(final)
     check_destination(final, force, inputs)
-    created = _make_parents(final.parent)
-    try:
-        with lock(final):
-            check_destination(final, force, inputs)  # another run may have published meanwhile
-            clean_stale(final)
-            yield final
-    except BaseException:
-        for directory in reversed(created):
-            with contextlib.suppress(OSError):
-                directory.rmdir()
-        raise
+    with parents_made(final), lock(final):
+        check_destination(final, force, inputs)  # another run may have published meanwhile
+        clean_stale(final)
+        yield final
 
 
-def _make_parents(directory: Path) -> list[Path]:
+@contextlib.contextmanager
+def claim_file(path: Path, option: str, check: Callable[[Path], None]) -> Iterator[Path]:
+    """A command's main output file: ``check(path)`` it, create its parents, lock it and check
+    it again under the lock (another run may have written it meanwhile); yields it absolute.
+
+    Parents created here are removed again if the block fails.
+    """
+    path = absolute(path)
+    check(path)
+    _check_writable_dir(_existing_ancestor(path.parent), option)
+    with parents_made(path), lock(path, option):
+        check(path)
+        yield path
+
+
+@contextlib.contextmanager
+def parents_made(path: Path) -> Iterator[None]:
+    """Create the missing folders above ``path``; remove them again if the block fails."""
     missing = []
+    directory = absolute(path).parent
     while not directory.exists():
         missing.append(directory)
         directory = directory.parent
-    for path in reversed(missing):
-        try:
-            path.mkdir()
-        except OSError as exc:
-            raise InputError(os_error_message(exc, path, "creating")) from None
-    return list(reversed(missing))
+    created: list[Path] = []
+    try:
+        for folder in reversed(missing):
+            try:
+                folder.mkdir()
+            except OSError as exc:
+                raise InputError(os_error_message(exc, folder, "creating")) from None
+            created.append(folder)
+        yield
+    except BaseException:
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
 
 
 def clean_stale(final: Path) -> list[Path]:

@@ -10,10 +10,12 @@ import math
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:  # numpy loads with the first image, not with the command line's --help
+    import numpy as np
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -62,6 +64,8 @@ class Preprocessing:
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         """A (channels, height, width) float32 array for one decoded image."""
+        import numpy as np
+
         image = image.convert("L" if self.channels == 1 else "RGB")
         height, width = self.size
         scale = max(height / self.crop_pct / image.height, width / self.crop_pct / image.width)

@@ -10,12 +10,20 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
+import signal
 import sys
 import traceback
 
 import click
 
-from coatnet_export.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, explain, handle_signals
+from coatnet_export.errors import (
+    EXIT_INPUT,
+    EXIT_INTERNAL,
+    EXIT_OK,
+    explain,
+    handle_signals,
+    release_interrupted,
+)
 from models import ConfigError
 
 DEFAULT_COMMAND = "export"
@@ -30,6 +38,11 @@ class UnknownCommand(click.UsageError):
     """A first argument that is neither a command nor an option."""
 
 
+class Unwound(Exception):
+    """Carries an interruption (its ``__cause__``) past click, which would print a blank line
+    for it (closing a terminal's ``^C``; :func:`_run` does that for SIGINT on a terminal)."""
+
+
 class DefaultCommandGroup(click.Group):
     """A group that runs ``export`` when the first argument is an option (``--variant ...``),
     and imports a command's module only when that command is asked for."""
@@ -41,6 +54,12 @@ class DefaultCommandGroup(click.Group):
         if name not in COMMANDS:
             return None
         return getattr(importlib.import_module(f"coatnet_export.cli.{name}"), name)
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            raise Unwound() from exc
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if args and args[0].startswith("-") and args[0] not in ("--help", "-h", "--version"):
@@ -101,6 +120,10 @@ def _run(argv: list[str] | None) -> int:
         message, code = explain(exc)
         if code == EXIT_INTERNAL and os.environ.get(DEBUG_ENV):
             traceback.print_exc()
+        if message == "aborted":
+            release_interrupted(exc)
+            if code == 128 + signal.SIGINT and sys.stderr.isatty():
+                click.echo(err=True)  # end the line the terminal's ^C is on
         click.echo(message, err=True)
         return code
     return EXIT_OK

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import click
 
-from coatnet_export.cli.options import runtime_options
+from coatnet_export.cli.options import THREADS, runtime_options
 from coatnet_export.console import render_table
+from coatnet_export.errors import writing
 from coatnet_export.metadata import write_json
 
 
@@ -37,7 +38,7 @@ from coatnet_export.metadata import write_json
 @click.option(
     "--threads",
     "threads",
-    type=click.IntRange(1),
+    type=THREADS,
     multiple=True,
     help="Thread counts (repeat the option) [default: 1 and all cores].",
 )
@@ -92,9 +93,9 @@ def bench(
     for runtime in runtimes:
         check_runtime(runtime, precision if runtime == "openvino" else "f32")
     if json_path:
-        from coatnet_export.output import check_output_file
+        from coatnet_export.output import check_side_file
 
-        check_output_file(json_path, "--json")  # before the benchmark, not after it
+        check_side_file(json_path, "--json", models)  # before the benchmark, not after it
     thread_counts = list(threads) or sorted({1, os.cpu_count() or 1})
     with tempfile.TemporaryDirectory() as workdir:
         plan = plan_bench(
@@ -106,6 +107,7 @@ def bench(
             lambda text: click.echo(text, err=True),
             runtimes,
             precision,
+            max(batches),
         )
         rows, peaks = benchmark(
             plan.targets,
@@ -143,12 +145,13 @@ def bench(
 
         click.echo(f"note: {fastest_int8()}")
     if json_path:
-        write_json(
-            json_path,
-            {
-                "targets": plan.labels,
-                "results": table,
-                "matmul_gflops": {f"{t}x{b}": v for (t, b), v in peaks.items()},
-                "gflop_per_image": plan.macs_per_image * 2 / 1e9,
-            },
-        )
+        with writing(json_path, "--json"):
+            write_json(
+                json_path,
+                {
+                    "targets": plan.labels,
+                    "results": table,
+                    "matmul_gflops": {f"{t}x{b}": v for (t, b), v in peaks.items()},
+                    "gflop_per_image": plan.macs_per_image * 2 / 1e9,
+                },
+            )

@@ -20,9 +20,9 @@ from coatnet_export.cli.quantize import run_and_show_quantize
 from coatnet_export.console import Progress, render_table
 from coatnet_export.errors import GateFailed, InputError
 from coatnet_export.export.onnx_export import ATTENTION_GRAPHS, EXPORTERS
+from coatnet_export.gates import RESULT_COLUMNS, Gates
 from coatnet_export.preprocess import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
-from coatnet_export.sources.checkpoint import CHECKPOINT_FORMATS
-from coatnet_export.validate import RESULT_COLUMNS, Gates
+from coatnet_export.sources import CHECKPOINT_FORMATS
 from models import get_variant
 
 

@@ -5,17 +5,20 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from coatnet_export.errors import InputError, os_error_message
-from coatnet_export.quantize.evaluate import GATES
-from coatnet_export.quantize.graph import RECIPES
-from coatnet_export.quantize.pipeline import QuantOptions
-from coatnet_export.quantize.presets import TARGET_CHOICES
+from coatnet_export.gates import Gates
+from coatnet_export.limits import threads_problem
+from coatnet_export.quantize.presets import GATES, TARGET_CHOICES
+from coatnet_export.quantize.recipes import RECIPES
 from coatnet_export.runtimes import RUNTIMES
 from coatnet_export.runtimes.openvino import PRECISIONS
-from coatnet_export.validate import Gates
+
+if TYPE_CHECKING:
+    from coatnet_export.quantize.pipeline import QuantOptions
 
 
 class BatchType(click.ParamType):
@@ -29,6 +32,24 @@ class BatchType(click.ParamType):
         if isinstance(value, int) or (str(value).isdigit() and int(value) > 0):
             return int(value)
         self.fail(f"{value!r} is neither 'dynamic' nor a positive integer", param, ctx)
+
+
+class ThreadsType(click.IntRange):
+    """A positive thread (or process) count this machine can run: at most
+    :func:`coatnet_export.limits.max_threads`."""
+
+    def __init__(self) -> None:
+        super().__init__(min=1)
+
+    def convert(self, value, param, ctx):
+        count = super().convert(value, param, ctx)
+        problem = threads_problem(count)
+        if problem is not None:
+            self.fail(f"{problem}; ask for fewer", param, ctx)
+        return count
+
+
+THREADS = ThreadsType()
 
 
 class SizeType(click.ParamType):
@@ -111,7 +132,7 @@ def validation_inputs_options(func):
     )(func)
     func = click.option(
         "--threads",
-        type=click.IntRange(1),
+        type=THREADS,
         default=None,
         help="Intra-op threads of the runtime (default: all cores).",
     )(func)
@@ -246,6 +267,8 @@ def quantize_options(func):
 
 
 def quant_options_from(kw: dict, mode: str) -> QuantOptions:
+    from coatnet_export.quantize.pipeline import QuantOptions
+
     return QuantOptions(
         mode=mode,
         calibration_data=kw["calibration_data"],

@@ -7,8 +7,9 @@ from typing import Any
 
 import click
 
+from coatnet_export.cli.options import THREADS
 from coatnet_export.console import render_table
-from coatnet_export.errors import InputError
+from coatnet_export.errors import InputError, writing
 from coatnet_export.metadata import write_json
 from coatnet_export.targets import TARGETS, PackageRequest, PackageResult
 
@@ -51,7 +52,7 @@ def target_option(target: str, *decls: str, **attrs: Any):
     default=None,
     help="Also write what was built (files, table, notes) to this JSON file.",
 )
-@click.option("--threads", type=click.IntRange(1), default=None, help="onnxruntime threads.")
+@click.option("--threads", type=THREADS, default=None, help="onnxruntime threads.")
 @target_option(
     "e2e",
     "--check-images",
@@ -166,9 +167,19 @@ def package(
             f"{target_name})"
         )
     own = {k: v for k, v in options.items() if TARGET_OPTIONS.get(k, target_name) == target_name}
+    if json_file is not None:  # before the target publishes anything
+        from coatnet_export.output import check_side_file
+
+        outputs = [("--output", output)] if output is not None else []
+        check_side_file(json_file, "--json", [export_dir, *package_inputs(own)], outputs)
     request = PackageRequest(export_dir, output, force, own)
     result = target.build(request)
     show(target_name, result, json_file)
+
+
+def package_inputs(options: dict[str, Any]) -> list[Path]:
+    """The paths a target reads besides DIR (images, an onnxruntime-web install)."""
+    return [*options.get("check_images", ()), *filter(None, [options.get("ort_web_dir")])]
 
 
 def show(target_name: str, result: PackageResult, json_file: Path | None) -> None:
@@ -181,12 +192,13 @@ def show(target_name: str, result: PackageResult, json_file: Path | None) -> Non
     for note in result.notes:
         click.echo(f"note: {note}")
     if json_file is not None:
-        write_json(
-            json_file,
-            {
-                "target": target_name,
-                "files": [str(p) for p in result.files],
-                "rows": result.rows,
-                "notes": result.notes,
-            },
-        )
+        with writing(json_file, "--json"):
+            write_json(
+                json_file,
+                {
+                    "target": target_name,
+                    "files": [str(p) for p in result.files],
+                    "rows": result.rows,
+                    "notes": result.notes,
+                },
+            )

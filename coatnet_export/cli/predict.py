@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
+from coatnet_export.cli.options import THREADS
 from coatnet_export.console import render_table
+from coatnet_export.errors import writing
 from coatnet_export.metadata import write_json
 
 SUMMARY_COLUMNS = (
@@ -40,13 +42,13 @@ SUMMARY_COLUMNS = (
 )
 @click.option(
     "--workers",
-    type=click.IntRange(1),
+    type=THREADS,
     help="Worker processes or Ray actors [default: local, one per core; ray, one per core "
     "but one left for reading].",
 )
 @click.option(
     "--threads-per-worker",
-    type=click.IntRange(1),
+    type=THREADS,
     default=1,
     show_default=True,
     help="onnxruntime threads in each worker.",
@@ -90,25 +92,30 @@ def predict(
     an error (null, or why the image could not be read). Preprocessing and labels come from
     the export's metadata.
     """
-    from coatnet_export.predict.run import PredictOptions, run_predict
+    from coatnet_export.predict.run import PredictOptions, image_inputs, run_predict
 
-    summary = run_predict(
-        PredictOptions(
-            export=export,
-            inputs=inputs,
-            output=output,
-            engine=engine,
-            workers=workers,
-            threads=threads_per_worker,
-            batch_size=batch_size,
-            top_k=top_k,
-            model=model,
-            resume=resume,
-            force=force,
-            address=address,
-        )
+    options = PredictOptions(
+        export=export,
+        inputs=inputs,
+        output=output,
+        engine=engine,
+        workers=workers,
+        threads=threads_per_worker,
+        batch_size=batch_size,
+        top_k=top_k,
+        model=model,
+        resume=resume,
+        force=force,
+        address=address,
     )
+    if json_path:  # before the predictions are published
+        from coatnet_export.output import check_apart, check_side_file
+
+        check_side_file(json_path, "--json", [export], [("--output", output)])
+        check_apart(json_path, "--json", scanned=image_inputs(options))
+    summary = run_predict(options)
     click.echo(render_table([summary], SUMMARY_COLUMNS))
     if json_path:
-        write_json(json_path, summary)
+        with writing(json_path, "--json"):
+            write_json(json_path, summary)
     click.echo(f"predictions -> {output}")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from coatnet_export.cli.options import (
+    THREADS,
     FloatListType,
     quant_options_from,
     quantize_options,
@@ -15,7 +17,9 @@ from coatnet_export.cli.options import (
 from coatnet_export.console import render_table
 from coatnet_export.errors import GateFailed
 from coatnet_export.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from coatnet_export.quantize.pipeline import QuantOptions
+
+if TYPE_CHECKING:
+    from coatnet_export.quantize.pipeline import QuantOptions
 
 
 def run_and_show_quantize(
@@ -56,7 +60,7 @@ def run_and_show_quantize(
 )
 @click.option("--mean", type=FloatListType(), default=None, help="With --size.")
 @click.option("--std", type=FloatListType(), default=None, help="With --size.")
-@click.option("--threads", type=click.IntRange(1), default=None)
+@click.option("--threads", type=THREADS, default=None)
 @click.option(
     "--latency-runs",
     type=click.IntRange(1),

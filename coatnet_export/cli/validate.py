@@ -9,9 +9,9 @@ import click
 from coatnet_export.cli.options import gate_options, runtime_options, validation_inputs_options
 from coatnet_export.console import Progress, render_table
 from coatnet_export.errors import GateFailed, writing
+from coatnet_export.gates import RESULT_COLUMNS, Gates
 from coatnet_export.metadata import write_json
-from coatnet_export.output import check_output_file
-from coatnet_export.validate import RESULT_COLUMNS, Gates
+from coatnet_export.output import check_side_file
 
 
 @click.command()
@@ -44,7 +44,7 @@ def validate(
 
     check_runtime(runtime, precision)
     if report:
-        check_output_file(report, "--report")
+        check_side_file(report, "--report", [model, *filter(None, [checkpoint]), *images])
     gates = Gates(max_rel_error, min_top1)
     result = revalidate(
         model, checkpoint, list(images), samples, gates, threads, Progress(3), runtime, precision

@@ -38,7 +38,7 @@ from coatnet_export.metadata import ExportMetadata, write_json
 from coatnet_export.output import (
     atomic_file,
     check_destination,
-    check_output_file,
+    check_side_file,
     claim,
     publish,
     staging,
@@ -200,7 +200,8 @@ def check_request(opts: ExportOptions, inputs: list[Path]) -> tuple[np.ndarray, 
     if opts.output is not None:
         check_destination(opts.output, opts.force, inputs)
     if opts.report is not None:
-        check_output_file(opts.report, "--report")
+        outputs = [("--output", opts.output)] if opts.output is not None else []
+        check_side_file(opts.report, "--report", inputs, outputs)
     preprocessing_for(opts, (32, 32))
     choose_attention(opts.exporter, opts.opset or DEFAULT_OPSET[opts.exporter], opts.attention)
     if opts.validate and nothing_to_validate(

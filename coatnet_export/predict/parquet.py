@@ -99,9 +99,9 @@ def prediction_file(
 ) -> Iterator[tuple[PredictionWriter, set[str]]]:
     """A writer to a temporary file beside ``output`` and the paths already done.
 
-    On success the temporary file replaces ``output``; on any error it is removed.
+    On success the temporary file replaces ``output``; on any error it is removed. The caller
+    holds ``output`` (:func:`coatnet_export.output.claim_file`: locked, its folder made).
     """
-    output.parent.mkdir(parents=True, exist_ok=True)
     handle, name = tempfile.mkstemp(prefix=f".{output.name}.partial-", dir=output.parent)
     os.close(handle)
     tmp = Path(name)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import os
+import functools
+import itertools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from coatnet_export.errors import InputError
+from coatnet_export.limits import check_threads, cores
+from coatnet_export.output import check_apart, claim_file
 
 if TYPE_CHECKING:
     from coatnet_export.predict.common import Meter, ModelSpec
@@ -36,14 +39,10 @@ class PredictOptions:
     address: str | None = None
 
 
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def default_workers(engine: str, threads: int) -> int:
     """local: every core busy; ray: one core left for reading and decoding."""
     spare = 1 if engine == "ray" else 0
-    return max(1, (cpu_count() - spare) // threads)
+    return max(1, (cores() - spare) // threads)
 
 
 def _require(module: str, extra: str) -> None:
@@ -58,7 +57,6 @@ def _require(module: str, extra: str) -> None:
 
 def _check(options: PredictOptions) -> None:
     from coatnet_export.predict.common import check_inputs
-    from coatnet_export.predict.parquet import check_output
 
     if options.engine not in ENGINES:
         raise InputError(f"unknown engine {options.engine!r} (choose local or ray)")
@@ -67,8 +65,28 @@ def _check(options: PredictOptions) -> None:
         _require("ray", "ray")
     elif options.address:
         raise InputError("--address is for --engine ray")
-    check_output(options.output, options.resume, options.force)
     check_inputs(options.inputs, allow_uris=options.engine == "ray")
+    check_apart(options.output, "--output", [options.export], scanned=image_inputs(options))
+    check_workers(options)
+
+
+def image_inputs(options: PredictOptions) -> list[Path]:
+    """The local paths predict reads images from (a glob: its fixed folder)."""
+    from coatnet_export.predict.common import GLOB_CHARS, is_uri
+
+    paths = []
+    for text in options.inputs:
+        if not is_uri(text):
+            parts = Path(text.removeprefix("file://")).parts
+            fixed = list(itertools.takewhile(lambda p: not set(p) & set(GLOB_CHARS), parts))
+            paths.append(Path(*fixed) if fixed else Path("."))
+    return paths
+
+
+def check_workers(options: PredictOptions) -> None:
+    """Workers x threads within what this machine can run (a Ray cluster checks its own)."""
+    if options.address is None:
+        check_threads((options.workers or 1) * options.threads, "--workers x --threads-per-worker")
 
 
 def _not_done(paths: Iterator[str], done: set[str], counts: dict[str, int]) -> Iterator[str]:
@@ -80,16 +98,28 @@ def _not_done(paths: Iterator[str], done: set[str], counts: dict[str, int]) -> I
 
 
 def run_predict(options: PredictOptions) -> dict:
-    """Classify every input image into ``options.output``; the run's summary."""
+    """Classify every input image into ``options.output``; the run's summary.
+
+    The output is locked from the first check to the rename (a second run writing it fails at
+    once); a folder made for it is removed again when the run fails.
+    """
+    from coatnet_export.predict.parquet import check_output
+
+    _check(options)
+    check = functools.partial(check_output, resume=options.resume, force=options.force)
+    with claim_file(options.output, "--output", check) as output:
+        return _predict(options, output)
+
+
+def _predict(options: PredictOptions, output: Path) -> dict:
     from coatnet_export.predict.common import Meter, iter_images, load_spec
     from coatnet_export.predict.parquet import prediction_file
 
-    _check(options)
     spec = load_spec(options.export, options.model, options.top_k)
     workers = options.workers or default_workers(options.engine, options.threads)
     counts = {"skipped": 0}
     started = time.perf_counter()
-    with prediction_file(options.output, spec.sha256, options.resume) as (writer, done):
+    with prediction_file(output, spec.sha256, options.resume) as (writer, done):
         pending = _not_done(iter_images(options.inputs), done, counts)
         meter = Meter(options.engine, workers, options.threads)
         if options.engine == "local":

@@ -21,7 +21,6 @@ from coatnet_export.quantize.calibrate import (
 )
 from coatnet_export.runtimes import RunOptions, load_model
 
-GATES = ("auto", "top1", "cosine")
 """What ``--gate`` accepts."""
 
 

@@ -123,6 +123,8 @@ GENERIC = CpuPreset(
     measured="not measured",
 )
 TARGET_CHOICES = ("auto", *PRESETS)
+GATES = ("auto", "top1", "cosine")
+"""What ``--gate`` takes: int8 against fp32 by top-1 agreement or by cosine similarity."""
 """What ``--target-cpu`` accepts."""
 
 

@@ -1,7 +1,9 @@
 """Runtimes that run an exported model: one small interface, one module per runtime.
 
 ``load_model(path, runtime, RunOptions(threads=2))`` returns a :class:`LoadedModel` whose
-``run(batch)`` gives the logits. validate, bench, the quantize report and predict all run
+``run(batch)`` gives the logits, checked for their shape (one row per input row, the model's
+classes) before anyone computes a figure from them: a runtime that ran out of memory may
+return fewer rows without saying so. validate, bench, the quantize report and predict all run
 models through it, so every runtime meets the same parity gates. Optional runtimes import
 their library only when asked for: OpenVINO (``pip install 'coatnet-export[openvino]'``).
 """
@@ -10,11 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
-
-import numpy as np
+from typing import TYPE_CHECKING, Protocol
 
 from coatnet_export.errors import InputError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 RUNTIMES = ("onnxruntime", "openvino")
 """Runtime names accepted by ``--runtime``."""
@@ -46,6 +49,8 @@ class LoadedModel(Protocol):
     name: str
     """The runtime's name, e.g. ``onnxruntime``."""
     input_name: str
+    classes: int | None
+    """The width of the output's last axis, where the model fixes it."""
 
     def run(self, batch: np.ndarray) -> np.ndarray: ...
 
@@ -77,7 +82,40 @@ def load_model(
     if runtime == "openvino":
         from coatnet_export.runtimes.openvino import OpenVinoModel
 
-        return OpenVinoModel(path, options)
+        return CheckedModel(OpenVinoModel(path, options), path)
     from coatnet_export.runtimes.onnxruntime import OrtModel
 
-    return OrtModel(path, options)
+    return CheckedModel(OrtModel(path, options), path)
+
+
+class CheckedModel:
+    """A loaded model whose every result is checked by :func:`check_logits`; otherwise the
+    model itself (its attributes are the wrapped model's)."""
+
+    def __init__(self, model: LoadedModel, path: Path) -> None:
+        self.model = model
+        self.path = path
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.model, name)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        result = self.model.run(batch)
+        check_logits(result, len(batch), self.model.classes, self.model.name, self.path)
+        return result
+
+
+def check_logits(
+    result: np.ndarray, rows: int, classes: int | None, runtime: str, path: Path
+) -> None:
+    """InputError unless ``result`` holds ``rows`` rows of ``classes`` logits (any width when
+    None): a runtime short of memory has returned fewer rows, or none, without an error."""
+    shape = tuple(getattr(result, "shape", ()))
+    if len(shape) == 2 and shape[0] == rows and classes in (None, shape[1]):
+        return
+    expected = f"{rows} x {classes if classes is not None else 'classes'}"
+    raise InputError(
+        f"{runtime} returned logits of shape {shape} for a batch of {rows} from {path} "
+        f"(expected {expected}): it failed without an error, likely short of memory (use a "
+        "smaller --batch, or free memory)"
+    )

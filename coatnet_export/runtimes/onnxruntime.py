@@ -25,7 +25,7 @@ def make_session(
         if unfused
         else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     )
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # errors come back as exceptions: no coloured log line too
     if threads:
         options.intra_op_num_threads = threads
     if low_memory:
@@ -49,6 +49,8 @@ class OrtModel:
     def __init__(self, path: Path, options: RunOptions) -> None:
         self.session = make_session(path, options.threads, options.low_memory, options.unfused)
         self.input_name = self.session.get_inputs()[0].name
+        last = (self.session.get_outputs()[0].shape or [None])[-1]
+        self.classes: int | None = last if isinstance(last, int) else None
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: batch})[0]

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from coatnet_export.console import warn_once
 from coatnet_export.errors import InputError
 from coatnet_export.runtimes import RunOptions
+
+if TYPE_CHECKING:
+    import numpy as np
 
 PRECISIONS = ("f32", "bf16")
 """Inference precisions ``--precision`` accepts."""
@@ -118,6 +119,9 @@ class OpenVinoModel:
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         self.input_name: str = model.inputs[0].get_any_name()
+        shape = model.outputs[0].get_partial_shape()
+        dims = list(shape) if shape.rank.is_static else []
+        self.classes: int | None = dims[-1].get_length() if dims and dims[-1].is_static else None
         try:
             compiled = core().compile_model(model, "CPU", config)
         except RuntimeError as exc:

@@ -16,6 +16,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 
 from coatnet_export.errors import InputError
+from coatnet_export.output import check_input_file
+from coatnet_export.sources import CHECKPOINT_FORMATS, CheckpointFormat  # noqa: F401
 from coatnet_export.sources.lucid import looks_like_lucid, read_lcd, to_tensors
 from models import CoAtNet
 from models.coatnet import STAGE_STRIDES
@@ -27,10 +29,6 @@ DERIVED_KEYS = ("relative_index", "num_batches_tracked")
 
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 """Keys under which training scripts commonly nest the state dict."""
-
-
-CheckpointFormat = Literal["auto", "torch", "lucid"]
-CHECKPOINT_FORMATS: tuple[CheckpointFormat, ...] = ("auto", "torch", "lucid")
 
 
 @dataclass
@@ -51,8 +49,7 @@ def read_checkpoint(path: Path, fmt: CheckpointFormat = "auto") -> Checkpoint:
     if fmt == "torch" and path.suffix == ".lcd":
         raise InputError(f"{path} is a lucid .lcd file; use --checkpoint-format lucid (or auto)")
     if path.suffix == ".lcd":
-        if not path.is_file():
-            raise InputError(f"checkpoint {path} does not exist")
+        check_input_file(path, "checkpoint", "give the path of a lucid .lcd file")
         state_dict = to_tensors(read_lcd(path))
         check_tensors(state_dict, path)
         return Checkpoint(state_dict, "lucid", path)
@@ -65,10 +62,7 @@ def read_checkpoint(path: Path, fmt: CheckpointFormat = "auto") -> Checkpoint:
 
 def read_torch_state_dict(path: Path) -> StateDict:
     """Tensors of a ``.pt``/``.pth``/``.bin`` (weights only) or ``.safetensors`` file."""
-    if not path.is_file():
-        raise InputError(
-            f"checkpoint {path} does not exist (give the path of a .pt, .pth or .safetensors file)"
-        )
+    check_input_file(path, "checkpoint", "give the path of a .pt, .pth or .safetensors file")
     if path.suffix == ".safetensors":
         try:
             return load_safetensors(str(path))

@@ -48,7 +48,8 @@ def format_bytes(count: float) -> str:
 
 
 def available_memory() -> int | None:
-    """Memory this process may still use: MemAvailable, capped by a cgroup limit if any."""
+    """Memory this process may still use: MemAvailable, capped by a cgroup limit and by the
+    address space left under ``ulimit -v`` (RLIMIT_AS), if any."""
     available = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -61,7 +62,8 @@ def available_memory() -> int | None:
             available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (OSError, ValueError):
             return None
-    return min(available, _cgroup_headroom() or available)
+    limits = [h for h in (_cgroup_headroom(), _address_space_headroom()) if h]
+    return min([available, *limits])
 
 
 def _cgroup_headroom() -> int | None:
@@ -71,6 +73,22 @@ def _cgroup_headroom() -> int | None:
     except (OSError, ValueError):
         return None
     return None if limit == "max" else max(0, int(limit) - used)
+
+
+def _address_space_headroom() -> int | None:
+    """RLIMIT_AS less the address space this process already maps (VmSize), or None."""
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit == resource.RLIM_INFINITY:
+        return None
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmSize:"):
+                return max(0, limit - int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    return limit
 
 
 def _stages(spec: ModelSpec) -> list[tuple[str, int, int, int, int]]:

@@ -36,6 +36,7 @@ from PIL import Image
 from coatnet_export.errors import GateFailed, InputError
 from coatnet_export.export.package import check_model, data_file
 from coatnet_export.metadata import ExportMetadata, record_artefacts
+from coatnet_export.output import lock
 from coatnet_export.preprocess import Preprocessing, list_images, open_image
 from coatnet_export.targets import (
     INT8_FILE,
@@ -432,6 +433,29 @@ def build(request: PackageRequest) -> PackageResult:
     images = read_images(paths) if paths else check_images()
     pre = metadata.preprocessing()
     preprocessing_subgraph(pre, "pixels")  # bad settings fail before anything is written
+    with lock(export_dir / E2E_FILES[MODEL_FILE], "DIR"):
+        result = _write_checked(export_dir, sources, targets, metadata, images, request)
+        record_artefacts(export_dir, _artefacts(result.files, export_dir))
+    result.notes += int8_layout_notes(export_dir, "onnxruntime")  # e2e runs in onnxruntime only
+    result.notes.append(
+        f"measured on {len(images)} "
+        + ("given image(s)" if paths else "generated image(s) (--check-images for your photos)")
+        + "; run the e2e model with: python scripts/infer.py "
+        + f"{export_dir / E2E_FILES[MODEL_FILE]} IMAGES"
+    )
+    return result
+
+
+def _write_checked(
+    export_dir: Path,
+    sources: list[Path],
+    targets: list[Path],
+    metadata: ExportMetadata,
+    images: list[tuple[str, Image.Image]],
+    request: PackageRequest,
+) -> PackageResult:
+    """Stage each e2e model, measure it against its source, and rename them into place."""
+    pre = metadata.preprocessing()
     result = PackageResult()
     stage = Path(tempfile.mkdtemp(prefix=".e2e.partial-", dir=export_dir))
     try:
@@ -446,14 +470,6 @@ def build(request: PackageRequest) -> PackageResult:
         result.files = _publish(staged, export_dir)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    record_artefacts(export_dir, _artefacts(result.files, export_dir))
-    result.notes += int8_layout_notes(export_dir, "onnxruntime")  # e2e runs in onnxruntime only
-    result.notes.append(
-        f"measured on {len(images)} "
-        + ("given image(s)" if paths else "generated image(s) (--check-images for your photos)")
-        + "; run the e2e model with: python scripts/infer.py "
-        + f"{export_dir / E2E_FILES[MODEL_FILE]} IMAGES"
-    )
     return result
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from coatnet_export.errors import GateFailed, InputError
 from coatnet_export.export.package import data_file
 from coatnet_export.metadata import ExportMetadata, record_artefacts
-from coatnet_export.output import check_destination, publish, staging
+from coatnet_export.output import claim, publish, staging
 from coatnet_export.targets import (
     PackageRequest,
     PackageResult,
@@ -264,9 +264,8 @@ def build(request: PackageRequest) -> PackageResult:
     platform = request.options.get("ort_platform", "arm")
     threads = request.options.get("threads")
     final = export_dir / ORT_DIR
-    check_destination(final, request.force)
     result = PackageResult()
-    with staging(final) as stage:
+    with claim(final, request.force, models.values()) as claimed, staging(claimed) as stage:
         convert(converter, models, stage, style, platform)
         for model in models.values():
             row, notes = check_converted(

@@ -26,8 +26,9 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from coatnet_export.errors import InputError
 from coatnet_export.inspect import load_proto
+from coatnet_export.limits import check_int32
 from coatnet_export.metadata import ExportMetadata
-from coatnet_export.output import check_destination, publish, staging
+from coatnet_export.output import check_member_name, claim, publish, staging
 from coatnet_export.targets import (
     INT8_FILE,
     MODEL_FILE,
@@ -170,7 +171,10 @@ def external_files(proto: onnx.ModelProto) -> list[str]:
 
 
 def model_name(requested: str | None, metadata: ExportMetadata, int8: bool) -> str:
-    name = requested or metadata.variant + ("_int8" if int8 else "")
+    """The model's folder in the repository: one plain name (``--name`` cannot leave it)."""
+    name = check_member_name(
+        metadata.variant + ("_int8" if int8 else "") if requested is None else requested, "--name"
+    )
     if not NAME_PATTERN.match(name):
         raise InputError(
             f"model name {name!r} must use letters, digits, '_', '-' and '.' only (--name)"
@@ -193,8 +197,7 @@ def write_repository(export_dir: Path, output: Path, options: TritonOptions, for
     config = build_config(name, inputs, outputs, options)
     classes = outputs[0].shape[-1] or metadata.num_classes
     labels = metadata.labels if metadata.labels and len(metadata.labels) == classes else None
-    check_destination(output, force)
-    with staging(output) as stage:
+    with claim(output, force, [export_dir]) as claimed, staging(claimed) as stage:
         version = stage / name / "1"
         version.mkdir(parents=True)
         shutil.copyfile(source, version / MODEL_FILE)
@@ -205,6 +208,32 @@ def write_repository(export_dir: Path, output: Path, options: TritonOptions, for
         (stage / name / "config.pbtxt").write_text(text_format.MessageToString(config))
         publish(stage, output)
     return output / name
+
+
+def memory_notes(metadata: ExportMetadata, config: Any, instances: int) -> list[str]:
+    """A note when ``instances`` copies of the model, each running its largest batch, need
+    more memory than this machine has (the server may be another machine: not an error)."""
+    from coatnet_export.sources.model_source import ModelSpec
+    from coatnet_export.sources.resources import available_memory, estimate_memory, format_bytes
+    from models import VariantSpec
+
+    try:
+        architecture = VariantSpec.from_dict(metadata.architecture)
+    except (KeyError, TypeError, ValueError):
+        return []
+    spec = ModelSpec(
+        architecture, tuple(metadata.img_size), metadata.in_channels, metadata.num_classes
+    )
+    batch = config.max_batch_size or int(metadata.batch)
+    needed = instances * estimate_memory(spec, batch, batch).total
+    available = available_memory()
+    if available is None or needed <= available:
+        return []
+    return [
+        f"{instances} instance(s) at batch {batch} need at least {format_bytes(needed)} of "
+        f"memory, more than the {format_bytes(available)} available here: give the server "
+        "that much, or lower --instances or --max-batch-size"
+    ]
 
 
 def summary_rows(config: Any) -> list[dict[str, Any]]:
@@ -230,11 +259,13 @@ def build(request: PackageRequest) -> PackageResult:
     options = TritonOptions(
         name=given.get("name"),
         int8=bool(given.get("int8")),
-        instances=given.get("instances") or 1,
+        instances=check_int32(given.get("instances") or 1, "--instances", "Triton's count"),
         threads=given.get("threads"),
         max_batch_size=given.get("max_batch_size"),
         openvino=bool(given.get("openvino")),
     )
+    if options.max_batch_size is not None:
+        check_int32(options.max_batch_size, "--max-batch-size", "Triton's max_batch_size")
     folder = write_repository(request.export_dir, request.output, options, request.force)
     config = text_format.Parse(
         (folder / "config.pbtxt").read_text(), model_config_pb2().ModelConfig()
@@ -246,6 +277,7 @@ def build(request: PackageRequest) -> PackageResult:
         f"-v {request.output.resolve()}:/models {SERVER_IMAGE} "
         "tritonserver --model-repository=/models",
     ]
+    notes += memory_notes(export_metadata(request.export_dir), config, options.instances)
     if options.int8:
         runtime = "openvino" if options.openvino else "onnxruntime"
         notes += int8_layout_notes(request.export_dir, runtime)
