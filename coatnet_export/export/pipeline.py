@@ -7,7 +7,7 @@ free PyTorch -> package and check -> validate in onnxruntime -> publish (or reje
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +43,10 @@ from coatnet_export.output import (
     publish,
     staging,
 )
-from coatnet_export.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from coatnet_export.preprocess import Preprocessing
 from coatnet_export.runtimes import LOW_MEMORY_BYTES
 from coatnet_export.sources.checkpoint import CheckpointFormat, StateDict, read_checkpoint
+from coatnet_export.sources.hub import HubFolder, read_hub_folder
 from coatnet_export.sources.model_source import (
     ModelSpec,
     ReferenceModel,
@@ -68,6 +69,11 @@ from coatnet_export.validate import (
 )
 from models import VariantSpec
 
+PREPROCESSING_OPTIONS = ("mean", "std", "crop_pct", "interpolation", "crop_mode")
+RESIZE_DESCRIPTIONS = {
+    "center": "scale to cover img_size / crop_pct keeping aspect, then centre crop",
+    "squash": "scale each axis to floor(img_size / crop_pct) (aspect not kept), then centre crop",
+}
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 VALIDATION_FILE = "validation.json"
@@ -96,11 +102,15 @@ class ExportOptions:
     """None: fused (ONNX Attention) where the exporter and opset allow it, else matmul."""
     batch: int | None = None
     """None: dynamic batch axis; an integer fixes it."""
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    crop_pct: float = 0.875
-    interpolation: str = "bicubic"
+    mean: tuple[float, ...] | None = None
+    """None, as std, crop_pct, interpolation and crop_mode: the checkpoint's config.json
+    (pretrained_cfg), else Preprocessing's defaults (ImageNet, 0.875, bicubic, center)."""
+    std: tuple[float, ...] | None = None
+    crop_pct: float | None = None
+    interpolation: str | None = None
+    crop_mode: str | None = None
     labels: list[str] | None = None
+    """None: the checkpoint's config.json label names, if it has them."""
     validate: bool = True
     images: list[Path] = field(default_factory=list)
     samples: int = 3
@@ -166,10 +176,11 @@ def run_export(opts: ExportOptions, progress: Progress) -> ExportOutcome:
     ``<output>.rejected`` instead; the report (``opts.report``) is written in both cases.
     """
     inputs = input_paths(opts)
+    hub = read_hub_folder(opts.checkpoint) if opts.checkpoint and opts.checkpoint.is_dir() else None
+    opts = with_hub_config(opts, hub)
     recorded = check_request(opts, inputs)
-    checkpoint = (
-        read_checkpoint(opts.checkpoint, opts.checkpoint_format) if opts.checkpoint else None
-    )
+    weights = hub.weights if hub else opts.checkpoint
+    checkpoint = read_checkpoint(weights, opts.checkpoint_format) if weights else None
     spec, state_dict = plan_model(
         opts.architecture, checkpoint, opts.img_size, opts.in_channels, opts.num_classes
     )
@@ -187,6 +198,19 @@ def run_export(opts: ExportOptions, progress: Progress) -> ExportOutcome:
             output,
             progress,
         )
+
+
+def with_hub_config(opts: ExportOptions, hub: HubFolder | None) -> ExportOptions:
+    """Options left unset take what a timm folder's config.json records: the preprocessing
+    (mean, std, crop_pct, interpolation, crop_mode) and the class names."""
+    config = hub.config if hub else None
+    if config is None:
+        return opts
+    recorded = config.pretrained_cfg.preprocessing()
+    unset = {name: value for name, value in recorded.items() if getattr(opts, name) is None}
+    if opts.labels is None and config.labels is not None:
+        unset["labels"] = list(config.labels)
+    return replace(opts, **unset)
 
 
 def input_paths(opts: ExportOptions) -> list[Path]:
@@ -213,12 +237,16 @@ def check_request(opts: ExportOptions, inputs: list[Path]) -> tuple[np.ndarray, 
 
 
 def preprocessing_for(opts: ExportOptions, size: tuple[int, int]) -> Preprocessing:
+    """The options' preprocessing at ``size``; Preprocessing's defaults for unset fields."""
+    chosen = {
+        name: tuple(value) if isinstance(value, (list, tuple)) else value
+        for name in PREPROCESSING_OPTIONS
+        if (value := getattr(opts, name)) is not None
+    }
     try:
-        return Preprocessing(
-            size, tuple(opts.mean), tuple(opts.std), opts.crop_pct, opts.interpolation
-        )
+        return Preprocessing(size, **chosen)
     except ValueError as exc:
-        raise InputError(str(exc)) from None
+        raise InputError(f"{exc} (check --mean, --std, --crop-pct and --crop-mode)") from None
 
 
 def check_model_fits(
@@ -395,7 +423,8 @@ def export_metadata(
         std=list(preprocessing.std),
         crop_pct=preprocessing.crop_pct,
         interpolation=preprocessing.interpolation,
-        resize="scale to cover img_size / crop_pct keeping aspect, then centre crop",
+        resize=RESIZE_DESCRIPTIONS[preprocessing.crop_mode],
+        crop_mode=preprocessing.crop_mode,
         exporter=opts.exporter,
         opset=opts.opset or DEFAULT_OPSET[opts.exporter],
         batch="dynamic" if opts.batch is None else str(opts.batch),
