@@ -18,19 +18,18 @@ from torch import Tensor, nn
 
 from models.coatnet import relative_index
 from models.config import DIM_HEAD
-from models.timm_config import ConvBlockConfig, TimmSpec, TransformerBlockConfig
+from models.timm_config import (
+    ConvBlockConfig,
+    TimmSpec,
+    TransformerBlockConfig,
+    make_divisible,
+)
 
 
 def activation(name: str | None) -> nn.Module:
     """timm's activation layers by name (GELU is the exact erf form)."""
     layers = {"gelu": nn.GELU, "silu": nn.SiLU, "relu": nn.ReLU, "tanh": nn.Tanh, None: nn.Identity}
     return layers[name]()
-
-
-def make_divisible(value: float, divisor: int = 8) -> int:
-    """timm's rounding of a hidden width to a multiple of ``divisor``."""
-    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
-    return rounded + divisor if rounded < 0.9 * value else rounded
 
 
 def to_tokens(x: Tensor) -> Tensor:

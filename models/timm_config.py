@@ -169,6 +169,12 @@ class TimmSpec:
         return asdict(self)
 
 
+def make_divisible(value: float, divisor: int = 8) -> int:
+    """timm's rounding of a hidden width to a multiple of ``divisor``."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+
+
 def timm_spec_from_dict(data: dict) -> TimmSpec:
     """The spec that :meth:`TimmSpec.as_dict` wrote."""
     return TimmSpec(
