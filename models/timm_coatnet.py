@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.coatnet import relative_index
+from models.coatnet import bake, baked_or, relative_index
 from models.config import DIM_HEAD
 from models.timm_config import (
     ConvBlockConfig,
@@ -282,6 +282,9 @@ class Attention(nn.Module):
     :meth:`group_qkv` regroups them as all queries, all keys, all values (for export).
     """
 
+    QKV = "qkv"
+    """The query-key-value projection's attribute (the export splits it in three)."""
+
     def __init__(
         self, dim: int, dim_out: int, heads: int, size: tuple[int, int], rel_pos: nn.Module
     ) -> None:
@@ -308,28 +311,20 @@ class Attention(nn.Module):
         n = self.num_tokens
         return self.rel_pos.table()[index].reshape(n, n, self.num_heads).permute(2, 0, 1)
 
-    def bake_bias(self, compact: bool = False, index: Tensor | None = None) -> Tensor:
-        """Freeze the bias (an MLP runs once here) into constants and return them: the
-        (1, heads, N, N) bias, or with ``compact`` the (1, heads, T) table that ``index``
-        (N*N,), shared by the blocks of a stage, gathers in the graph."""
-        if not compact:
-            baked = self.relative_bias().detach()[None].clone().contiguous()
-            self.register_buffer("baked_bias", baked, persistent=False)
-            return baked
-        table = self.rel_pos.table().detach().t()[None].contiguous()
-        self.register_buffer("baked_table", table, persistent=False)
-        self.register_buffer("baked_index", index, persistent=False)
-        return table
+    def relative_bias_index(self) -> Tensor:
+        """The (N*N,) row of the table that each (query, key) pair reads."""
+        return self.rel_pos.relative_position_index
+
+    def bake_bias(self, index: Tensor | None = None) -> Tensor:
+        """Freeze the bias (an MLP runs once, here) into constants and return them: the
+        (1, heads, N, N) bias, or given a shared (N*N,) ``index`` the (1, heads, T) table that
+        it gathers in the graph."""
+        table = self.rel_pos.table().detach()
+        return bake(self, table, index, self.relative_bias().detach())
 
     def bias(self) -> Tensor:
         """(1, heads, N, N): baked, gathered from a baked table, or computed."""
-        if self.baked_bias is not None:
-            return self.baked_bias
-        if self.baked_table is not None:
-            n = self.num_tokens
-            gathered = self.baked_table.index_select(2, self.baked_index)
-            return gathered.reshape(1, self.num_heads, n, n)
-        return self.relative_bias()[None]
+        return baked_or(self, lambda: self.relative_bias()[None])
 
     @torch.no_grad()
     def group_qkv(self) -> None:

@@ -67,7 +67,7 @@ from coatnet_export.validate import (
     recorded_case,
     validate_onnx,
 )
-from models import VariantSpec
+from models import TIMM_VARIANTS, TimmSpec, VariantSpec
 
 PREPROCESSING_OPTIONS = ("mean", "std", "crop_pct", "interpolation", "crop_mode")
 RESIZE_DESCRIPTIONS = {
@@ -83,8 +83,9 @@ VALIDATION_FILE = "validation.json"
 class ExportOptions:
     """Everything the export command was asked to do."""
 
-    architecture: VariantSpec | None
-    """A named architecture; None reads it from the checkpoint."""
+    architecture: VariantSpec | TimmSpec | None
+    """A named architecture; None reads it from the checkpoint (a timm folder's config.json,
+    or the keys and shapes)."""
     output: Path | None = None
     """None: ./<variant name>."""
     img_size: tuple[int, int] | None = None
@@ -182,8 +183,13 @@ def run_export(opts: ExportOptions, progress: Progress) -> ExportOutcome:
     weights = hub.weights if hub else opts.checkpoint
     checkpoint = read_checkpoint(weights, opts.checkpoint_format) if weights else None
     spec, state_dict = plan_model(
-        opts.architecture, checkpoint, opts.img_size, opts.in_channels, opts.num_classes
+        opts.architecture or hub_architecture(hub),
+        checkpoint,
+        opts.img_size,
+        opts.in_channels,
+        opts.num_classes,
     )
+    opts = with_architecture_defaults(opts, spec.architecture)
     checkpoint_format = checkpoint.format if checkpoint else None
     del checkpoint
     with claim(opts.output or Path(spec.architecture.name), opts.force, inputs) as output:
@@ -210,6 +216,31 @@ def with_hub_config(opts: ExportOptions, hub: HubFolder | None) -> ExportOptions
     unset = {name: value for name, value in recorded.items() if getattr(opts, name) is None}
     if opts.labels is None and config.labels is not None:
         unset["labels"] = list(config.labels)
+    return replace(opts, **unset)
+
+
+def hub_architecture(hub: HubFolder | None) -> TimmSpec | None:
+    """The timm architecture a folder's config.json names (None without one)."""
+    if hub is None or hub.config is None:
+        return None
+    name = hub.config.architecture
+    if name not in TIMM_VARIANTS:
+        raise InputError(
+            f"{hub.path / 'config.json'} names architecture {name!r}, which is not one of timm's "
+            f"CoAtNet family ({', '.join(TIMM_VARIANTS)})"
+        )
+    return TIMM_VARIANTS[name]
+
+
+def with_architecture_defaults(
+    opts: ExportOptions, architecture: VariantSpec | TimmSpec
+) -> ExportOptions:
+    """Preprocessing options still unset take the published weights' (timm's pretrained_cfg
+    defaults in the architecture table), so that a bare timm file needs no --mean/--std."""
+    if not isinstance(architecture, TimmSpec):
+        return opts
+    defaults = asdict(architecture.preprocessing)
+    unset = {name: value for name, value in defaults.items() if getattr(opts, name) is None}
     return replace(opts, **unset)
 
 
