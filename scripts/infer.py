@@ -8,7 +8,7 @@ Needs nothing but ``pip install onnxruntime numpy pillow`` and this file: no tor
     python infer.py deploy/c0 photos/ --runtime openvino   # also needs: pip install openvino
 
 OpenVINO is imported only with ``--runtime openvino`` (f32 unless ``--precision bf16``); it
-cannot run e2e models (its CPU plugin ignores the antialiasing of their Resize).
+cannot run e2e models (its CPU plugin computes their preprocessing in single precision).
 
 Preprocessing (size, mean, std, crop, interpolation, crop mode) and class names come from the
 model's metadata; for a model without it, give --size H W (and --mean/--std if not ImageNet's).
@@ -199,8 +199,9 @@ class OpenVinoSession:
         self.inputs, self.outputs = map(self.node_args, (model.inputs, model.outputs))
         if self.inputs and is_e2e(self.inputs[0]):
             raise UsageError(
-                f"OpenVINO cannot run the e2e model {path}: its CPU plugin ignores the "
-                "antialiasing of the graph's Resize (use --runtime onnxruntime, or model.onnx)"
+                f"OpenVINO cannot run the e2e model {path}: its CPU plugin computes the "
+                "graph's preprocessing in single precision (use --runtime onnxruntime, or "
+                "model.onnx)"
             )
         meta = model.get_rt_info()["framework"] if model.has_rt_info("framework") else {}
         self.metadata = {key: value.astype(str) for key, value in meta.items()}
