@@ -39,7 +39,10 @@ def fit_timm_state_dict(state_dict: StateDict, model: TimmCoAtNet) -> tuple[Stat
     resized = [
         key
         for key, tensor in tensors.items()
-        if key.endswith(TABLE) and key in expected and tensor.shape != expected[key]
+        if key.endswith(TABLE)
+        and key in expected
+        and tensor.shape != expected[key]
+        and _square_grid(tensor)
     ]
     for key in resized:
         grid = model.get_submodule(key[: -len(TABLE) - 1]).size
@@ -54,6 +57,13 @@ def fit_timm_state_dict(state_dict: StateDict, model: TimmCoAtNet) -> tuple[Stat
     wrong = [k for k in tensors if k in expected and tensors[k].shape != expected[k]]
     check_fit(tensors, expected, wrong)
     return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, warnings
+
+
+def _square_grid(table: torch.Tensor) -> bool:
+    """Whether a table covers a square (2s-1) x (2s-1) grid of offsets, as timm's resizing
+    assumes (a table trained at a non-square size is reported as wrongly shaped instead)."""
+    side = round(table.shape[0] ** 0.5) if table.ndim == 2 else 0
+    return side * side == table.shape[0] and side % 2 == 1
 
 
 def _offsets(source: int, target: int) -> torch.Tensor:
@@ -95,7 +105,7 @@ def resize_bias_table(table: torch.Tensor, grid: tuple[int, int]) -> torch.Tenso
     y_points, x_points = _offsets(src, dst[0]), _offsets(src, dst[1])
     y_at = torch.arange(-(dst[0] // 2), dst[0] // 2 + 0.1, 1.0)
     x_at = torch.arange(-(dst[1] // 2), dst[1] // 2 + 0.1, 1.0)
-    y_at, x_at = torch.meshgrid(y_at, x_at, indexing="ij")
+    y_at, x_at = (t.contiguous() for t in torch.meshgrid(y_at, x_at, indexing="ij"))
     y0, y1, dy0, dy1 = _interpolate(y_points, y_at)
     x0, x1, dx0, dx1 = _interpolate(x_points, x_at)
     values = table.float().t().reshape(heads, src, src)
