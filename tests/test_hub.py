@@ -14,6 +14,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from coatnet_export.console import Progress
+from coatnet_export.export.pipeline import ExportOptions, run_export
 from coatnet_export.metadata import ExportMetadata
 from coatnet_export.sources.checkpoint import read_checkpoint
 from coatnet_export.sources.hub import read_hub_folder
@@ -186,37 +188,49 @@ def test_hub_cache_only_snapshot(tmp_path: Path) -> None:
 # --- the export reads it ---
 
 
-def test_export_takes_preprocessing_and_labels_from_config(
-    tmp_path: Path, weights: dict, run_cli
-) -> None:
-    data = safetensors_bytes(weights, tmp_path)
-    repository = hub_cache(
-        tmp_path / "hub", {"d" * 40: {"config.json": config(), "model.safetensors": data}}, "d" * 40
+def exported_metadata(folder: Path, **options) -> ExportMetadata:
+    """Export TINY from a hub folder (TINY named: the folder's config names a timm model);
+    the metadata the model records."""
+    out = folder.parent / f"export-{len(list(folder.parent.glob('export-*')))}"
+    run_export(
+        ExportOptions(architecture=TINY, checkpoint=folder, output=out, samples=1, **options),
+        Progress(6, enabled=False),
     )
-    out = tmp_path / "export"
-    result = run_cli(
-        "export", "--checkpoint", repository, "--output", out, "--samples", "1", "--quiet"
-    )
-    assert result.code == 0, result.err
-    meta = ExportMetadata.from_props(
-        {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
-    )
+    props = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
+    return ExportMetadata.from_props(props)
+
+
+def test_export_takes_preprocessing_and_labels_from_config(tmp_path: Path, weights: dict) -> None:
+    files = {"config.json": config(), "model.safetensors": safetensors_bytes(weights, tmp_path)}
+    repository = hub_cache(tmp_path / "hub", {"d" * 40: files}, "d" * 40)
+    meta = exported_metadata(repository)
     assert (meta.mean, meta.std, meta.crop_pct) == ([0.5, 0.4, 0.3], [0.2, 0.25, 0.3], 0.9)
     assert (meta.interpolation, meta.crop_mode) == ("bilinear", "squash")
+    assert meta.resize.startswith("scale each axis")
     assert meta.labels == [DESCRIPTIONS[n] for n in LABEL_NAMES]
-    # the options still win over config.json
-    out2 = tmp_path / "export2"
-    result = run_cli(
-        "export", "--checkpoint", repository, "--output", out2, "--samples", "1", "--quiet",
-        "--mean", "0.1,0.2,0.3", "--crop-pct", "1.0", "--crop-mode", "center",
-        "--interpolation", "bicubic",
-    )  # fmt: skip
-    assert result.code == 0, result.err
-    meta = ExportMetadata.from_props(
-        {p.key: p.value for p in onnx.load(str(out2 / "model.onnx")).metadata_props}
+    # options still win over config.json
+    meta = exported_metadata(
+        repository,
+        mean=(0.1, 0.2, 0.3),
+        crop_pct=1.0,
+        crop_mode="center",
+        interpolation="bicubic",
+        labels=[str(i) for i in range(10)],
     )
     assert (meta.mean, meta.std, meta.crop_pct) == ([0.1, 0.2, 0.3], [0.2, 0.25, 0.3], 1.0)
     assert (meta.interpolation, meta.crop_mode) == ("bicubic", "center")
+    assert meta.labels == [str(i) for i in range(10)]
+
+
+def test_config_without_pretrained_cfg_keeps_the_defaults(tmp_path: Path, weights: dict) -> None:
+    raw = {"architecture": "coatnet_0_rw_224", "num_classes": 10}
+    folder = flat_folder(
+        tmp_path / "m",
+        {"config.json": raw, "model.safetensors": safetensors_bytes(weights, tmp_path)},
+    )
+    meta = exported_metadata(folder)
+    assert (meta.mean, meta.crop_pct, meta.crop_mode) == ([0.485, 0.456, 0.406], 0.875, "center")
+    assert meta.labels is None
 
 
 # --- bad folders: one error line, exit 2, nothing written ---
