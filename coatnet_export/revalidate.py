@@ -11,6 +11,7 @@ from coatnet_export.errors import InputError
 from coatnet_export.inspect import load_proto, metadata_of, resolve_model_path
 from coatnet_export.metadata import ExportMetadata
 from coatnet_export.sources.checkpoint import read_checkpoint
+from coatnet_export.sources.hub import weights_file
 from coatnet_export.sources.model_source import (
     ModelSpec,
     load_reference,
@@ -100,7 +101,7 @@ def revalidate(
         )
         state_dict = None
     else:
-        source = read_checkpoint(checkpoint, metadata.checkpoint_format or "auto")
+        source = read_checkpoint(weights_file(checkpoint), metadata.checkpoint_format or "auto")
         spec, state_dict = plan_model(
             architecture, source, img_size, metadata.in_channels, metadata.num_classes
         )

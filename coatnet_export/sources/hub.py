@@ -100,6 +100,11 @@ def read_hub_folder(path: Path) -> HubFolder:
     return HubFolder(snapshot, weights, config)
 
 
+def weights_file(path: Path) -> Path:
+    """The weights file a ``--checkpoint`` names: the file itself, or a timm folder's."""
+    return read_hub_folder(path).weights if path.is_dir() else path
+
+
 # --- finding the files ---
 
 
