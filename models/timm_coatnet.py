@@ -33,13 +33,15 @@ def activation(name: str | None) -> nn.Module:
 
 
 def to_tokens(x: Tensor) -> Tensor:
-    """(B, C, H, W) -> (B, H*W, C)."""
-    return x.flatten(2).transpose(1, 2)
+    """(B, C, H, W) map -> (B*H*W, C) tokens: 2-D, so that every linear layer on them is one
+    Gemm with its bias (onnxruntime fuses no bias into a MatMul on 3-D inputs)."""
+    return x.flatten(2).transpose(1, 2).reshape(-1, x.shape[1])
 
 
 def to_map(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """(B, H*W, C) -> (B, C, H, W)."""
-    return x.transpose(1, 2).reshape(-1, x.shape[-1], *size)
+    """(B*H*W, C) tokens -> (B, C, H, W) map."""
+    channels = x.shape[-1]
+    return x.reshape(-1, size[0] * size[1], channels).transpose(1, 2).reshape(-1, channels, *size)
 
 
 class NormAct(nn.BatchNorm2d):
@@ -66,7 +68,7 @@ class LayerNorm2d(nn.LayerNorm):
 
 
 class TokenBatchNorm(nn.BatchNorm2d):
-    """An eval-mode BatchNorm2d applied to (B, N, C) tokens (``coatnet_bn_0``)."""
+    """An eval-mode BatchNorm2d applied to (B*N, C) tokens (``coatnet_bn_0``)."""
 
     def forward(self, x: Tensor) -> Tensor:
         flat = F.batch_norm(
@@ -88,7 +90,7 @@ def token_norm(channels: int, cfg: TransformerBlockConfig) -> nn.Module:
 
 
 class Pointwise(nn.Conv2d):
-    """A 1x1 convolution (timm's 4-D weight) applied to (B, N, C) tokens as a linear layer."""
+    """A 1x1 convolution (timm's 4-D weight) applied to (B*N, C) tokens as a linear layer."""
 
     def __init__(self, c_in: int, c_out: int, bias: bool = True) -> None:
         super().__init__(c_in, c_out, 1, bias=bias)
@@ -363,13 +365,14 @@ class Attention(nn.Module):
         if self.scale != 1.0:
             scores = scores * self.scale
         out = (scores + self.bias()).softmax(dim=-1) @ v
-        return self.proj(out.transpose(1, 2).reshape(-1, self.num_tokens, q.shape[1] * DIM_HEAD))
+        return self.proj(out.transpose(1, 2).reshape(-1, q.shape[1] * DIM_HEAD))
 
     def forward_onnx_attention(self, x: Tensor) -> Tensor:
         """The same attention as one ONNX ``Attention`` node on (B, N, heads x 32) inputs
         (needs :meth:`group_qkv`; the export splits the projection into three)."""
         qkv = self.qkv(x)
-        q, k, v = qkv if isinstance(qkv, tuple) else qkv.chunk(3, dim=-1)
+        parts = qkv if isinstance(qkv, tuple) else qkv.chunk(3, dim=-1)
+        q, k, v = (p.reshape(-1, self.num_tokens, p.shape[-1]) for p in parts)
         out, *_ = torch.onnx.ops.attention(
             q,
             k,
@@ -379,7 +382,7 @@ class Attention(nn.Module):
             kv_num_heads=self.num_heads,
             scale=self.scale,
         )
-        return self.proj(out)
+        return self.proj(out.reshape(-1, out.shape[-1]))
 
 
 class NormThenPool(nn.Module):
@@ -391,7 +394,7 @@ class NormThenPool(nn.Module):
         self.down = Downsample(0, 0, kind)
 
     def forward(self, tokens: Tensor, size: tuple[int, int]) -> Tensor:
-        """(B, H*W, C) tokens of an (H, W) map -> tokens of the normalised, pooled map."""
+        """(B*H*W, C) tokens of an (H, W) map -> tokens of the normalised, pooled map."""
         return to_tokens(self.down(to_map(self.norm(tokens), size)))
 
 
@@ -536,16 +539,18 @@ class TimmCoAtNet(nn.Module):
         return [m for m in self.modules() if isinstance(m, Attention)]
 
     def forward_features(self, x: Tensor) -> Tensor:
-        """Images -> (B, N, C) tokens of the last stage, before the final norm."""
+        """Images -> (B*N, C) tokens of the last stage, before the final norm."""
         x = self.stem(x)
         size = self.stage_size(0)
         for block in self.blocks():
             if isinstance(block, TransformerBlock):
                 x = block(x, size)
             else:
-                x = block(to_map(x, size) if x.ndim == 3 else x)
+                x = block(to_map(x, size) if x.ndim == 2 else x)
             size = block.out_size
         return to_tokens(x) if x.ndim == 4 else x
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.norm(self.forward_features(x)).mean(dim=1))
+        tokens = self.norm(self.forward_features(x))
+        size = self.stage_size(4)
+        return self.head(tokens.reshape(-1, size[0] * size[1], tokens.shape[-1]).mean(dim=1))

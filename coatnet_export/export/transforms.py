@@ -76,6 +76,8 @@ class TransposedLinear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is not None and x.ndim == 2:  # one Gemm with its bias
+            return torch.addmm(self.bias, x, self.weight)
         out = x @ self.weight
         return out if self.bias is None else out + self.bias
 
@@ -124,7 +126,7 @@ class SplitProjection(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if len(self.biases) == 0:
             return tuple(x @ weight for weight in self.parts)
-        return tuple(x @ w + b for w, b in zip(self.parts, self.biases, strict=True))
+        return tuple(torch.addmm(b, x, w) for w, b in zip(self.parts, self.biases, strict=True))
 
 
 @torch.no_grad()
