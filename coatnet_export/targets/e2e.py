@@ -288,7 +288,7 @@ def _pillow_coefficients(
     x = b.op("Add", [b.op("Unsqueeze", [first, column]), k])
     inside = b.op("Less", [x, b.op("Unsqueeze", [end, column])])
     offset = b.op("Add", [b.op("Sub", [x, b.op("Unsqueeze", [center, column])]), half])
-    argument = b.op("Div", [offset, filterscale])
+    argument = b.op("Mul", [offset, b.op("Div", [step, filterscale])])  # Pillow's ss
     weight = b.op("Where", [inside, kernel(b, argument), zero])
     weight = b.op("Div", [weight, b.op("ReduceSum", [weight, column], keepdims=1)])
     fixed = b.op("Mul", [weight, b.const(float(1 << PRECISION_BITS), np.float64)])
