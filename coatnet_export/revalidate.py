@@ -28,7 +28,7 @@ from coatnet_export.validate import (
     nothing_to_validate,
     validate_onnx,
 )
-from models import Numerics, VariantSpec
+from models import Numerics, TimmSpec, VariantSpec, architecture_from_dict
 
 LARGE_BATCH = 4
 """The batch of random inputs that exercises a dynamic batch axis."""
@@ -36,10 +36,10 @@ LARGE_BATCH = 4
 
 def recorded_architecture(
     model_path: Path, metadata: ExportMetadata
-) -> tuple[VariantSpec, Numerics]:
+) -> tuple[VariantSpec | TimmSpec, Numerics]:
     """The architecture and numerics the metadata records; damaged ones are an InputError."""
     try:
-        return VariantSpec.from_dict(metadata.architecture), Numerics(**metadata.numerics)
+        return architecture_from_dict(metadata.architecture), Numerics(**metadata.numerics)
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(
             f"{model_path}: its coatnet-export metadata is damaged: the architecture or "

@@ -219,7 +219,8 @@ def test_hub_folder_names_the_architecture(tmp_path: Path, run_cli) -> None:
 
 
 def test_downstream_quantize_package_and_infer(tmp_path: Path, run_cli) -> None:
-    """A timm export goes through quantize, package --target e2e and scripts/infer.py."""
+    """A timm export goes through quantize, package --target e2e, info, validate and
+    scripts/infer.py."""
     export = tmp_path / "export"
     assert export_fixture("coatnet_rmlp_2_rw", export, mean=(0.5,) * 3, std=(0.5,) * 3).passed
     result = run_cli(
@@ -231,6 +232,9 @@ def test_downstream_quantize_package_and_infer(tmp_path: Path, run_cli) -> None:
     result = run_cli("package", export, "--target", "e2e")
     assert result.code == 0, result.err
     assert run_cli("info", export).code == 0
+    checkpoint = FIXTURES / "coatnet_rmlp_2_rw.safetensors"
+    result = run_cli("validate", export, "--checkpoint", checkpoint)  # the recorded timm spec
+    assert result.code == 0, result.err
     image = tmp_path / "image.png"
     from PIL import Image
 
