@@ -15,7 +15,8 @@ reproduce :class:`coatnet_export.preprocess.Preprocessing`, which is Pillow's ar
    operation), then sums the taps in int32 one at a time (a ``Loop`` of Gather, Mul, Add) and
    rounds and clips as Pillow does. ``nearest`` gathers the pixels Pillow's affine transform
    picks (its coordinates accumulate in doubles: a CumSum);
-4. the centre crop (floor offsets) by Slice; 1/255, mean and std; NHWC -> NCHW.
+4. the centre crop (floor offsets) by Slice; 1/255, mean and std; NHWC -> NCHW. The pixels
+   stay uint8 until the crop, as Pillow keeps them.
 
 The network's nodes and weights are kept as they are (external weights are copied to
 ``model.e2e.onnx.data``); its metadata is kept and gains an ``e2e`` entry in ``extra``.
@@ -98,8 +99,8 @@ class _Builder:
         return _Builder(self.root)
 
     def graph(self, output: str, rank: int) -> onnx.GraphProto:
-        """This builder's nodes as a subgraph with one float output."""
-        value = helper.make_tensor_value_info(output, TensorProto.FLOAT, [None] * rank)
+        """This builder's nodes as a subgraph with one uint8 output (pixels)."""
+        value = helper.make_tensor_value_info(output, TensorProto.UINT8, [None] * rank)
         return helper.make_graph(self.nodes, self._name("branch"), [], [value])
 
 
@@ -113,12 +114,14 @@ def preprocessing_subgraph(
             "fits models of 1 (greyscale) or 3 channels only"
         )
     b = _Builder()
-    pixels = b.op("Cast", [INPUT_NAME], to=TensorProto.FLOAT)
+    pixels = INPUT_NAME  # uint8 until the crop: the passes move a quarter of float's bytes
     if pre.channels == 1:
-        pixels = _luma(b, pixels)
+        luma = _luma(b, b.op("Cast", [INPUT_NAME], to=TensorProto.FLOAT))
+        pixels = b.op("Cast", [luma], to=TensorProto.UINT8)
     size = _resized_size(b, pre)
     pixels = _resample(b, pixels, size, pre.interpolation)
     pixels = _centre_crop(b, pixels, size, pre.size)
+    pixels = b.op("Cast", [pixels], to=TensorProto.FLOAT)
     pixels = b.op("Div", [pixels, b.const(255.0, np.float32, "255")])
     pixels = b.op("Sub", [pixels, b.const(pre.mean, np.float32, "mean")])
     pixels = b.op("Div", [pixels, b.const(pre.std, np.float32, "std")])
@@ -227,7 +230,7 @@ def _resize_rows(b: _Builder, pixels: str, length: str, interpolation: str) -> s
     total = b.op("Cast", [b.op("Loop", [trips, "", start], body=body)], to=TensorProto.DOUBLE)
     stored = b.op("Floor", [b.op("Div", [total, b.const(1 << PRECISION_BITS, np.float64)])])
     low, high = b.const(0.0, np.float64, "low"), b.const(255.0, np.float64, "high")
-    return b.op("Cast", [b.op("Clip", [stored, low, high])], to=TensorProto.FLOAT)
+    return b.op("Cast", [b.op("Clip", [stored, low, high])], to=TensorProto.UINT8)
 
 
 def _tap_sum(body: _Builder, pixels: str, taps: str, weights: str) -> onnx.GraphProto:
