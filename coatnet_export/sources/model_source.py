@@ -161,7 +161,9 @@ def load_reference(
     """Build ``spec`` with the checkpoint's tensors, or seeded random weights without them.
 
     The model is built on the meta device and the checkpoint's tensors are assigned in place,
-    so only one copy of the weights is ever in memory.
+    so only one copy of the weights is ever in memory. ``state_dict`` is consumed (emptied):
+    the model owns its tensors, so the export's rewrites (which copy some weights) can free
+    the originals while callers up the stack still hold the dictionary.
     """
     model = build_meta(spec)
     if state_dict is None:
@@ -170,6 +172,8 @@ def load_reference(
     fit = fit_timm_state_dict if isinstance(model, TimmCoAtNet) else fit_state_dict
     fitted, warnings = fit(state_dict, model)
     model.load_state_dict(fitted, strict=False, assign=True)
+    fitted.clear()
+    state_dict.clear()
     _zero_leftover_meta_buffers(model)
     refresh_derived_buffers(model)
     return ReferenceModel(model.eval(), spec, origin, warnings)
