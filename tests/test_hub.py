@@ -233,6 +233,19 @@ def test_config_without_pretrained_cfg_keeps_the_defaults(tmp_path: Path, weight
     assert meta.labels is None
 
 
+def test_labels_that_do_not_name_the_weights_classes_are_left_out(
+    tmp_path: Path, weights: dict
+) -> None:
+    raw = {**config(), "num_classes": 7, "label_names": LABEL_NAMES[:7]}  # the weights have 10
+    folder = flat_folder(
+        tmp_path / "m",
+        {"config.json": raw, "model.safetensors": safetensors_bytes(weights, tmp_path)},
+    )
+    assert len(read_hub_folder(folder).config.labels) == 7
+    meta = exported_metadata(folder)
+    assert meta.num_classes == 10 and meta.labels is None and meta.crop_mode == "squash"
+
+
 # --- bad folders: one error line, exit 2, nothing written ---
 
 

@@ -190,6 +190,7 @@ def run_export(opts: ExportOptions, progress: Progress) -> ExportOutcome:
         opts.num_classes,
     )
     opts = with_architecture_defaults(opts, spec.architecture)
+    opts = with_hub_labels(opts, hub, spec.num_classes)
     checkpoint_format = checkpoint.format if checkpoint else None
     del checkpoint
     with claim(opts.output or Path(spec.architecture.name), opts.force, inputs) as output:
@@ -207,16 +208,22 @@ def run_export(opts: ExportOptions, progress: Progress) -> ExportOutcome:
 
 
 def with_hub_config(opts: ExportOptions, hub: HubFolder | None) -> ExportOptions:
-    """Options left unset take what a timm folder's config.json records: the preprocessing
-    (mean, std, crop_pct, interpolation, crop_mode) and the class names."""
+    """Preprocessing options left unset take what a timm folder's config.json records (mean,
+    std, crop_pct, interpolation, crop_mode)."""
     config = hub.config if hub else None
     if config is None:
         return opts
     recorded = config.pretrained_cfg.preprocessing()
     unset = {name: value for name, value in recorded.items() if getattr(opts, name) is None}
-    if opts.labels is None and config.labels is not None:
-        unset["labels"] = list(config.labels)
     return replace(opts, **unset)
+
+
+def with_hub_labels(opts: ExportOptions, hub: HubFolder | None, classes: int) -> ExportOptions:
+    """Without --labels, a timm folder's class names, when they name the model's classes."""
+    labels = hub.config.labels if hub and hub.config else None
+    if opts.labels is not None or labels is None or len(labels) != classes:
+        return opts
+    return replace(opts, labels=list(labels))
 
 
 def hub_architecture(hub: HubFolder | None) -> TimmSpec | None:
