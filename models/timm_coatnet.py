@@ -63,7 +63,9 @@ class LayerNorm2d(nn.LayerNorm):
         self.act = activation(act)
 
     def forward(self, x: Tensor) -> Tensor:
-        normed = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias)
+        normed = F.layer_norm(
+            x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps
+        )
         return self.act(normed.permute(0, 3, 1, 2))
 
 
