@@ -201,15 +201,18 @@ def _fold_input_affine(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
 
 
 def _replace(model: nn.Module, kind: type, make) -> int:
-    """Replace every submodule of type ``kind`` by ``make(module)``; returns how many."""
+    """Replace every submodule of type ``kind`` by ``make(module)``; returns how many. One at a
+    time, so that each original is freed before the next copy is made."""
     targets = [
-        (parent, name, child)
+        (parent, name)
         for parent in model.modules()
         for name, child in parent.named_children()
         if type(child) is kind
     ]
-    for parent, name, child in targets:
+    for parent, name in targets:
+        child = getattr(parent, name)
         setattr(parent, name, make(child).train(child.training))
+        del child
     return len(targets)
 
 
