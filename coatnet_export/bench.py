@@ -291,7 +291,13 @@ def plan_bench(
     from coatnet_export.errors import InputError
     from coatnet_export.export.pipeline import ExportOptions, run_export
     from coatnet_export.inspect import resolve_model_path
-    from models import VariantSpec, get_variant, init_weights, materialize, variant_cost
+    from models import (
+        architecture_from_dict,
+        get_variant,
+        init_weights,
+        materialize,
+        variant_cost,
+    )
 
     paths: list[Path] = []
     for model in models:
@@ -318,7 +324,7 @@ def plan_bench(
     described = [(path, *describe_onnx(path)) for path in paths]
     metadata = next((m for _, _, m in described if m), None)
     if architecture is None and metadata is not None:
-        architecture = VariantSpec.from_dict(metadata.architecture)
+        architecture = architecture_from_dict(metadata.architecture)
     if architecture is None:
         raise InputError("the models carry no coatnet-export metadata: pass --variant")
     size = img_size or (tuple(metadata.img_size) if metadata else (224, 224))

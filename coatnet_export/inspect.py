@@ -15,7 +15,7 @@ from onnx.external_data_helper import uses_external_data
 from coatnet_export.errors import InputError, os_error_message
 from coatnet_export.export.package import data_file
 from coatnet_export.metadata import PRODUCER, ExportMetadata
-from coatnet_export.preprocess import INTERPOLATIONS
+from coatnet_export.preprocess import CROP_MODES, INTERPOLATIONS
 
 MODEL_FILE = "model.onnx"
 
@@ -161,6 +161,7 @@ def metadata_problems(m: ExportMetadata) -> list[str]:
         "crop_pct must be in (0, 1]": _finite_numbers([m.crop_pct]) and 0 < m.crop_pct <= 1,
         f"interpolation must be one of {', '.join(INTERPOLATIONS)}": m.interpolation
         in INTERPOLATIONS,
+        f"crop_mode must be one of {', '.join(CROP_MODES)}": m.crop_mode in CROP_MODES,
         "batch must be 'dynamic' or a positive integer": m.batch == "dynamic"
         or (str(m.batch).isdigit() and int(m.batch) > 0),
         "seed must be an integer in [0, 2**32)": m.seed is None
