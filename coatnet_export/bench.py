@@ -252,7 +252,7 @@ INT8_OPS = {
 def describe_onnx(path):
     """A short label ("onnx fp32", "onnx int8", or "onnx int8 for openvino" for an int8 graph
     laid out for OpenVINO) and the coatnet-export metadata, if any."""
-    from coatnet_export.inspect import load_proto, metadata_of
+    from coatnet_export.describe import load_proto, metadata_of
     from coatnet_export.metadata import int8_layout
 
     proto = load_proto(path)
@@ -288,9 +288,9 @@ def plan_bench(
     from pathlib import Path
 
     from coatnet_export.console import Progress
+    from coatnet_export.describe import resolve_model_path
     from coatnet_export.errors import InputError
     from coatnet_export.export.pipeline import ExportOptions, run_export
-    from coatnet_export.inspect import resolve_model_path
     from models import VariantSpec, get_variant, init_weights, materialize, variant_cost
 
     paths: list[Path] = []

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coatnet_export.console import Progress
+from coatnet_export.describe import load_proto, metadata_of, resolve_model_path
 from coatnet_export.errors import InputError
-from coatnet_export.inspect import load_proto, metadata_of, resolve_model_path
 from coatnet_export.metadata import ExportMetadata
 from coatnet_export.sources.checkpoint import read_checkpoint
 from coatnet_export.sources.model_source import (

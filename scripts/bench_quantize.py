@@ -36,11 +36,18 @@ from coatnet_export.bench import run_measured
 from coatnet_export.console import Progress, render_table
 from coatnet_export.export.pipeline import ExportOptions, run_export
 from coatnet_export.preprocess import Preprocessing
-from coatnet_export.quantize.calibrate import SessionPlan, calibrate, image_inputs
-from coatnet_export.quantize.evaluate import agreement, latency, logits
-from coatnet_export.quantize.graph import RECIPES, prepare
-from coatnet_export.quantize.pipeline import QuantOptions, quantize_once
-from coatnet_export.quantize.presets import choose_types
+from coatnet_export.quantize import (
+    RECIPES,
+    SessionPlan,
+    agreement,
+    calibrate,
+    choose_types,
+    image_inputs,
+    latency,
+    logits,
+    prepare,
+    quantize_once,
+)
 from coatnet_export.runtimes import RUNTIMES
 from models import VARIANTS, get_variant
 
@@ -196,7 +203,7 @@ def bench_recipes(work: Path, args) -> list[dict]:
             outputs[model] = model / f"recipe{index}.onnx"
             pre, cache = prepared[model, recipe.split_attention]
             exclude = recipe.exclusions(onnx.load(str(pre), load_external_data=False))
-            quantize_once(pre, outputs[model], QuantOptions(), choice, cache, exclude, recipe)
+            quantize_once(pre, outputs[model], choice, recipe, cache, exclude)
         c0_int8[recipe.name] = outputs[c0]
         int8 = logits(outputs[digits], held_out, SessionPlan(args.threads, False, 8, False))
         agree = agreement(reference, int8, held_out.targets)

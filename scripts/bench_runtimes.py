@@ -54,7 +54,7 @@ COLUMNS = (
 
 def cpu_model() -> str:
     """The CPU's model name, from /proc/cpuinfo, else lscpu, else the platform module."""
-    from coatnet_export.quantize.presets import read_cpu
+    from coatnet_export.quantize import read_cpu
 
     model = read_cpu()["model"]
     if model and model != platform.machine().lower():
@@ -86,7 +86,7 @@ def export_and_quantize(variant: str, work: Path, calibration: int) -> list[Path
     from bench_quantize import photo_crops
 
     from coatnet_export.export.pipeline import ExportOptions, run_export
-    from coatnet_export.quantize.pipeline import QuantOptions, run_quantize
+    from coatnet_export.quantize import QuantOptions, run_quantize
     from models import get_variant
 
     say(f"exporting {variant} (seeded weights) ...")
@@ -101,19 +101,19 @@ def export_and_quantize(variant: str, work: Path, calibration: int) -> list[Path
     outputs = []
     for folder, runtime in ((outcome.directory, "onnxruntime"), (for_openvino, "openvino")):
         say(f"quantizing for {runtime} on {calibration} photograph crops ...")
-        output, report = run_quantize(
-            folder,
+        outcome = run_quantize(
             QuantOptions(
+                model=folder,
                 calibration_data=work / "photos",
                 samples=calibration,
                 latency_runs=5,
                 runtime=runtime,
             ),
-            lambda text: say(f"  {text}"),
+            Progress(),
         )
-        if not report.passed:
-            say(f"warning: int8 for {runtime} failed its gate ({report.gate})")
-        outputs.append(output)
+        if not outcome.passed:
+            say(f"warning: int8 for {runtime} failed its gate ({outcome.report.gate})")
+        outputs.append(outcome.model)
     return [outcome.directory, outputs[1]]
 
 

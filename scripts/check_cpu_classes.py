@@ -41,13 +41,14 @@ sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 from coatnet_export.console import Progress, render_table  # noqa: E402
 from coatnet_export.export.pipeline import ExportOptions, run_export  # noqa: E402
 from coatnet_export.preprocess import load_images  # noqa: E402
-from coatnet_export.quantize.pipeline import QuantOptions, run_quantize  # noqa: E402
-from coatnet_export.quantize.presets import (  # noqa: E402
+from coatnet_export.quantize import (  # noqa: E402
     PRESETS,
+    QuantOptions,
     choose_types,
     judge,
     preset_for,
     read_cpu,
+    run_quantize,
     saturates_on,
 )
 from coatnet_export.runtimes import RunOptions, load_model  # noqa: E402
@@ -117,19 +118,20 @@ def make_fixture(work: Path, images: int, say) -> dict[str, Path]:
         shutil.copytree(work / "export", folder)
         say(f"quantizing for {target}")
         quantized = QuantOptions(
+            model=folder,
             calibration_data=work / "calibration",
             eval_data=work / "test",
             target_cpu=target,
             latency_runs=1,
         )
-        models[f"int8 for {target}"] = run_quantize(folder, quantized, lambda _: None)[0]
+        models[f"int8 for {target}"] = run_quantize(quantized, Progress(enabled=False)).model
     return models
 
 
 def gate_measurement(path: Path, images: list[Path], quantized: bool) -> np.ndarray:
     """Probabilities as the quantize gate measured them on this machine: its own kernels, or
     the QDQ graph unfused where this machine saturates and the target does not."""
-    from coatnet_export.inspect import load_proto, metadata_of
+    from coatnet_export.describe import load_proto, metadata_of
 
     metadata = metadata_of(load_proto(path), path)
     unfused = False
@@ -241,7 +243,7 @@ def stage(work: Path, root: Path | None) -> Path:
 def computes_as_target(cpu: str, model: Path) -> bool:
     """Whether the class ``cpu`` computes ``model`` (int8) as its target CPU does: neither
     saturates, or both do."""
-    from coatnet_export.inspect import load_proto, metadata_of
+    from coatnet_export.describe import load_proto, metadata_of
 
     q = metadata_of(load_proto(model), model).quantization
     choice = choose_types(

@@ -16,7 +16,8 @@ from onnx.external_data_helper import uses_external_data
 from safetensors.torch import save_file
 
 from coatnet_export.console import Progress
-from coatnet_export.export.package import write_self_contained
+from coatnet_export.describe import metadata_of
+from coatnet_export.export.external_data import write_self_contained
 from coatnet_export.export.pipeline import ExportOptions, rejected_path, run_export
 from coatnet_export.export.transforms import (
     SplitProjection,
@@ -26,7 +27,6 @@ from coatnet_export.export.transforms import (
     transpose_token_linears,
     use_onnx_attention,
 )
-from coatnet_export.inspect import metadata_of
 from coatnet_export.validate import Gates
 from models import CoAtNet, Numerics, get_variant, init_weights
 

@@ -15,8 +15,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from coatnet_export.console import Progress
+from coatnet_export.describe import metadata_of
 from coatnet_export.export.pipeline import ExportOptions, run_export
-from coatnet_export.inspect import metadata_of
 from coatnet_export.quantize.graph import (
     DEFAULT_RECIPE,
     OPENVINO_RECIPE,
@@ -348,7 +348,7 @@ def test_bad_quantization_inputs(tmp_path: Path, digits, run_cli, monkeypatch) -
         (["quantize", export, "--calibration-data", tmp_path / "nowhere"], "not a directory"),
         (["quantize", export, "--calibration-data", empty], "no usable image"),
         (["quantize", export, "--calibration-data", junk], "no usable image in"),
-        (["quantize", bare, "--random-calibration"], "pass --size H W, --mean and --std"),
+        (["quantize", bare, "--random-calibration"], "pass --img-size H W, --mean and --std"),
     ]
     for args, fragment in cases:
         before = listing(tmp_path)
@@ -374,7 +374,7 @@ def test_bad_quantization_inputs(tmp_path: Path, digits, run_cli, monkeypatch) -
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("coatnet_export.quantize.pipeline.tempfile.mkdtemp", refuse)
+    monkeypatch.setattr("coatnet_export.quantize.outputs.tempfile.mkdtemp", refuse)
     before = listing(tmp_path)
     unwritable = run_cli("quantize", export, "--random-calibration")
     assert unwritable.code == 2 and "is not writable" in unwritable.err

@@ -14,8 +14,8 @@ import pytest
 from onnx import numpy_helper
 
 from coatnet_export.console import Progress
+from coatnet_export.describe import describe, metadata_of
 from coatnet_export.export.pipeline import ExportOptions, run_export
-from coatnet_export.inspect import describe, metadata_of
 from coatnet_export.quantize import presets
 from coatnet_export.quantize.presets import PRESETS, choose_types, int8_warnings
 

@@ -16,9 +16,9 @@ import pytest
 
 from coatnet_export.cli import main
 from coatnet_export.console import Progress
+from coatnet_export.describe import load_proto, metadata_of
 from coatnet_export.errors import InputError
 from coatnet_export.export.pipeline import ExportOptions, run_export
-from coatnet_export.inspect import load_proto, metadata_of
 from coatnet_export.preprocess import list_images, load_images
 from coatnet_export.quantize.graph import OPENVINO_RECIPE
 from coatnet_export.runtimes import RunOptions, load_model

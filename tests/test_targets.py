@@ -17,8 +17,8 @@ from PIL import Image
 
 from coatnet_export.cli import main
 from coatnet_export.console import Progress
+from coatnet_export.describe import describe, load_proto, metadata_of
 from coatnet_export.export.pipeline import ExportOptions, run_export
-from coatnet_export.inspect import describe, load_proto, metadata_of
 from coatnet_export.metadata import record_artefacts, write_props
 from coatnet_export.preprocess import Preprocessing
 from coatnet_export.targets.e2e import (

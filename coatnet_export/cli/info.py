@@ -15,7 +15,7 @@ from coatnet_export.console import render_table
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def info(model: Path, as_json: bool) -> None:
     """Show what an export holds: metadata, inputs, outputs, size, and every artefact."""
-    from coatnet_export.inspect import describe
+    from coatnet_export.describe import describe
 
     description = describe(model)
     for warning in description.get("int8_cpu_warnings", []):

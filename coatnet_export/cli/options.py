@@ -18,7 +18,7 @@ from coatnet_export.runtimes import RUNTIMES
 from coatnet_export.runtimes.openvino import PRECISIONS
 
 if TYPE_CHECKING:
-    from coatnet_export.quantize.pipeline import QuantOptions
+    from coatnet_export.quantize import QuantOptions
 
 
 class BatchType(click.ParamType):
@@ -266,10 +266,12 @@ def quantize_options(func):
     return func
 
 
-def quant_options_from(kw: dict, mode: str) -> QuantOptions:
-    from coatnet_export.quantize.pipeline import QuantOptions
+def quant_options_from(kw: dict, mode: str, model: Path | None, **more) -> QuantOptions:
+    """The quantize options of :func:`quantize_options`' values in ``kw``, for ``model``."""
+    from coatnet_export.quantize import QuantOptions
 
     return QuantOptions(
+        model=model,
         mode=mode,
         calibration_data=kw["calibration_data"],
         random_calibration=kw["random_calibration"],
@@ -285,8 +287,21 @@ def quant_options_from(kw: dict, mode: str) -> QuantOptions:
         min_cosine=kw["min_cosine"],
         max_fallback_steps=kw["max_fallback_steps"],
         threads=kw.get("threads"),
-        recipe_key=kw["recipe"],
+        recipe=kw["recipe"],
         dynamic_hint="--quantize dynamic" if "quantize_mode" in kw else "--mode dynamic",
+        **more,
+    )
+
+
+def img_size_option(help: str, default: tuple[int, int] | None = None):
+    """``--img-size H W``: the one spelling of the image size in every command."""
+    return click.option(
+        "--img-size",
+        type=(SizeType(), SizeType()),
+        default=default,
+        show_default=default is not None,
+        metavar="H W",
+        help=help,
     )
 
 

@@ -10,39 +10,44 @@ import click
 from coatnet_export.cli.options import (
     THREADS,
     FloatListType,
+    SizeType,
+    img_size_option,
     quant_options_from,
     quantize_options,
     runtime_options,
 )
-from coatnet_export.console import render_table
+from coatnet_export.console import Progress, render_table
 from coatnet_export.errors import GateFailed
 from coatnet_export.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 if TYPE_CHECKING:
-    from coatnet_export.quantize.pipeline import QuantOptions
+    from coatnet_export.quantize import QuantOptions, QuantOutcome
 
 
-def run_and_show_quantize(
-    target: Path, options: QuantOptions, preprocessing: Preprocessing | None = None
-) -> None:
-    from coatnet_export.quantize.pipeline import run_quantize
+def quantize_and_show(options: QuantOptions, progress: Progress) -> QuantOutcome:
+    """Run the quantization, print its table and notes; a failed gate exits 1."""
+    from coatnet_export.quantize import run_quantize
 
-    output, report = run_quantize(
-        target, options, lambda text: click.echo(f"  {text}", err=True), preprocessing
-    )
-    click.echo(render_table(report.summary_rows(), ("metric", "value")))
+    outcome = run_quantize(options, progress)
+    show(outcome)
+    return outcome
+
+
+def show(outcome: QuantOutcome) -> None:
+    report = outcome.report
+    click.echo(render_table(outcome.rows(), ("metric", "value")))
     if report.lowest_sqnr:
         click.echo("\nlowest SQNR activations (dB):")
         click.echo(render_table(report.lowest_sqnr, ("tensor", "sqnr_db")))
     for note in report.notes:
         click.echo(f"note: {note}")
     gate = report.gate
-    if not report.passed:
+    if not outcome.passed:
         raise GateFailed(
             f"int8 {gate['metric']} {gate['value']:.4f} is below the gate {gate['threshold']}; "
-            f"{output} is written for inspection but should not be deployed"
+            f"{outcome.model} is written for inspection but should not be deployed"
         )
-    click.echo(f"int8 model -> {output}")
+    click.echo(f"int8 model -> {outcome.model}")
 
 
 @click.command()
@@ -51,15 +56,10 @@ def run_and_show_quantize(
     "--mode", type=click.Choice(["static", "dynamic"]), default="static", show_default=True
 )
 @quantize_options
-@click.option(
-    "--size",
-    type=(int, int),
-    default=None,
-    metavar="H W",
-    help="Preprocessing size, for a model without coatnet-export metadata.",
-)
-@click.option("--mean", type=FloatListType(), default=None, help="With --size.")
-@click.option("--std", type=FloatListType(), default=None, help="With --size.")
+@img_size_option("Preprocessing size, for a model without coatnet-export metadata.")
+@click.option("--size", "size_alias", type=(SizeType(), SizeType()), default=None, hidden=True)
+@click.option("--mean", type=FloatListType(), default=None, help="With --img-size.")
+@click.option("--std", type=FloatListType(), default=None, help="With --img-size.")
 @click.option("--threads", type=THREADS, default=None)
 @click.option(
     "--latency-runs",
@@ -68,18 +68,34 @@ def run_and_show_quantize(
     show_default=True,
     help="Timed batch-1 runs of each model for the speed-up.",
 )
+@click.option("--quiet", is_flag=True, help="No progress lines.")
 @runtime_options(precision=False)
 def quantize(
-    target: Path, mode: str, size, mean, std, latency_runs: int, runtime: str, **kw
+    target: Path,
+    mode: str,
+    img_size,
+    size_alias,
+    mean,
+    std,
+    latency_runs: int,
+    runtime: str,
+    quiet: bool,
+    **kw,
 ) -> None:
     """Quantize an existing export (directory or model.onnx) to model.int8.onnx.
 
     Calibration runs in onnxruntime; the report's agreement (the gate) and latency run in
     --runtime."""
+    size = img_size or size_alias  # --size: the old spelling, kept hidden
     preprocessing = None
     if size is not None:
         preprocessing = Preprocessing(size, mean or IMAGENET_MEAN, std or IMAGENET_STD)
-    options = quant_options_from(kw, mode)
-    options.latency_runs = latency_runs
-    options.runtime = runtime
-    run_and_show_quantize(target, options, preprocessing)
+    options = quant_options_from(
+        kw,
+        mode,
+        target,
+        preprocessing=preprocessing,
+        latency_runs=latency_runs,
+        runtime=runtime,
+    )
+    quantize_and_show(options, Progress(enabled=not quiet))

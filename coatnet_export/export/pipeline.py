@@ -18,6 +18,7 @@ import torch
 import coatnet_export
 from coatnet_export.console import Progress
 from coatnet_export.errors import InputError, writing
+from coatnet_export.export.external_data import EXTERNAL_DATA_THRESHOLD, GraphSummary, package_model
 from coatnet_export.export.onnx_export import (
     DEFAULT_OPSET,
     AttentionGraph,
@@ -26,7 +27,6 @@ from coatnet_export.export.onnx_export import (
     export_onnx,
     release_exporter_memory,
 )
-from coatnet_export.export.package import EXTERNAL_DATA_THRESHOLD, GraphSummary, package_model
 from coatnet_export.export.transforms import (
     bake_relative_biases,
     fold_attention_scales,

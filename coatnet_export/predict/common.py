@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from coatnet_export.describe import load_proto, metadata_of, resolve_model_path
 from coatnet_export.errors import InputError
-from coatnet_export.export.package import data_file
-from coatnet_export.inspect import load_proto, metadata_of, resolve_model_path
+from coatnet_export.layout import data_file
 from coatnet_export.preprocess import IMAGE_SUFFIXES, Preprocessing, open_image
 
 MODEL_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}

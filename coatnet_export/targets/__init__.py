@@ -66,7 +66,7 @@ def lazy(module: str, function: str = "build") -> Callable[[PackageRequest], Pac
 
 def export_metadata(export_dir: Path) -> ExportMetadata:
     """The metadata of the export in ``export_dir``; InputError if it holds no export."""
-    from coatnet_export.inspect import load_proto, metadata_of
+    from coatnet_export.describe import load_proto, metadata_of
 
     model = export_dir / MODEL_FILE
     if not export_dir.is_dir() or not model.is_file():
@@ -88,7 +88,7 @@ def int8_layout_notes(export_dir: Path, runtime: str) -> list[str]:
     ``runtime`` a target runs it in (``quantize --runtime``): it runs, but slower."""
     import onnx
 
-    from coatnet_export.inspect import metadata_of
+    from coatnet_export.describe import metadata_of
 
     path = export_dir / INT8_FILE
     if not path.is_file():

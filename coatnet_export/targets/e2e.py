@@ -34,7 +34,8 @@ from onnx.external_data_helper import uses_external_data
 from PIL import Image
 
 from coatnet_export.errors import GateFailed, InputError
-from coatnet_export.export.package import check_model, data_file
+from coatnet_export.export.external_data import check_model
+from coatnet_export.layout import data_file
 from coatnet_export.metadata import ExportMetadata, record_artefacts
 from coatnet_export.output import lock
 from coatnet_export.preprocess import Preprocessing, list_images, open_image

@@ -22,7 +22,7 @@ from types import ModuleType
 import numpy as np
 
 from coatnet_export.errors import GateFailed, InputError
-from coatnet_export.export.package import data_file
+from coatnet_export.layout import data_file
 from coatnet_export.metadata import ExportMetadata, record_artefacts
 from coatnet_export.output import claim, publish, staging
 from coatnet_export.targets import (
@@ -179,7 +179,7 @@ def ort_name(model: Path, style: str) -> str:
 
 def check_inputs(model: Path, metadata: ExportMetadata) -> list[np.ndarray]:
     """Inputs to compare a model's .ort and .onnx on: photos-like images or random tensors."""
-    from coatnet_export.inspect import load_proto
+    from coatnet_export.describe import load_proto
     from coatnet_export.targets.e2e import INPUT_NAME, check_images, rgb_pixels
 
     graph = load_proto(model).graph

@@ -24,8 +24,8 @@ from google.protobuf import text_format
 from onnx import TensorProto
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
+from coatnet_export.describe import load_proto
 from coatnet_export.errors import InputError
-from coatnet_export.inspect import load_proto
 from coatnet_export.limits import check_int32
 from coatnet_export.metadata import ExportMetadata
 from coatnet_export.output import check_member_name, claim, publish, staging

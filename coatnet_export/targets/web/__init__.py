@@ -18,9 +18,9 @@ from typing import Any
 
 import onnx
 
+from coatnet_export.describe import load_proto, metadata_of
 from coatnet_export.errors import InputError, writing
-from coatnet_export.export.package import data_file
-from coatnet_export.inspect import load_proto, metadata_of
+from coatnet_export.layout import data_file
 from coatnet_export.metadata import ExportMetadata, write_json
 from coatnet_export.output import claim, publish, staging
 from coatnet_export.targets import PackageRequest, PackageResult

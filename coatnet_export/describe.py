@@ -13,7 +13,7 @@ import onnx
 from onnx.external_data_helper import uses_external_data
 
 from coatnet_export.errors import InputError, os_error_message
-from coatnet_export.export.package import data_file
+from coatnet_export.layout import data_file
 from coatnet_export.metadata import PRODUCER, ExportMetadata
 from coatnet_export.preprocess import INTERPOLATIONS
 
