@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
+
+from coatnet_export.console import Progress
 
 if TYPE_CHECKING:
     from models import VariantSpec
@@ -194,37 +198,38 @@ def torch_target(model) -> BenchTarget:
 
 
 def benchmark(
-    targets: list[BenchTarget],
-    input_shape: tuple[int, int, int],
-    batches: list[int],
-    threads: list[int],
-    runs: int,
-    warmup: int,
-    macs_per_image: int | None,
-    progress: Callable[[str], None],
-) -> tuple[list[LatencyStats], dict[int, float]]:
+    plan: BenchPlan, options: BenchOptions, progress: Progress
+) -> tuple[list[LatencyStats], dict[tuple[int, int], float]]:
     """Time every target at every batch size and thread count, interleaved within each setting
     together with a 2048² fp32 matmul, whose rate in the same rounds is each row's peak.
     Returns the rows and the matmul GFLOP/s by (threads, batch)."""
     rows: list[LatencyStats] = []
     peaks: dict[tuple[int, int], float] = {}
     rng = np.random.default_rng(0)
-    for thread_count in threads:
+    targets, runs = plan.targets, options.runs
+    for thread_count in options.thread_counts:
         runners = {t.key: t.make_runner(thread_count) for t in targets}
         matmul, matmul_flops = matmul_runner(thread_count)
-        for batch in batches:
-            progress(
+        for batch in options.batches:
+            label = (
                 f"{thread_count} thread(s), batch {batch}: {len(targets)} target(s) and the "
                 f"matmul x {runs} runs"
             )
-            x = rng.standard_normal((batch, *input_shape), dtype=np.float32)
-            candidates = {n: (lambda r=r, x=x: r(x)) for n, r in runners.items()}
-            samples = time_interleaved({**candidates, MATMUL: matmul}, warmup, runs)
+            with progress.step(label):
+                x = rng.standard_normal((batch, *plan.input_shape), dtype=np.float32)
+                candidates = {n: (lambda r=r, x=x: r(x)) for n, r in runners.items()}
+                samples = time_interleaved({**candidates, MATMUL: matmul}, options.warmup, runs)
             peak = matmul_flops / float(np.median(samples[MATMUL])) / 1e9
             peaks[thread_count, batch] = peak
             rows += [
                 summarize(
-                    t.name, samples[t.key], batch, thread_count, macs_per_image, t.runtime, peak
+                    t.name,
+                    samples[t.key],
+                    batch,
+                    thread_count,
+                    plan.macs_per_image,
+                    t.runtime,
+                    peak,
                 )
                 for t in targets
             ]
@@ -263,7 +268,31 @@ def describe_onnx(path):
     return ("onnx int8" if runtime == "onnxruntime" else f"onnx int8 for {runtime}"), metadata
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
+class BenchOptions:
+    """What ``coatnet-export bench`` was asked to do."""
+
+    models: tuple[Path, ...] = ()
+    """.onnx files or export folders (whose model.onnx and model.int8.onnx are both taken)."""
+    variant: str | None = None
+    """Also time this variant in PyTorch eager; without models, export it first."""
+    img_size: tuple[int, int] | None = None
+    batches: tuple[int, ...] = (1, 8)
+    threads: tuple[int, ...] = ()
+    """Thread counts; none: 1 and all cores."""
+    runs: int = 20
+    warmup: int = 3
+    with_torch: bool = True
+    runtimes: tuple[str, ...] = ("onnxruntime",)
+    precision: str = "f32"
+    """OpenVINO's inference precision."""
+
+    @property
+    def thread_counts(self) -> list[int]:
+        return list(dict.fromkeys(self.threads)) or sorted({1, os.cpu_count() or 1})
+
+
+@dataclass(frozen=True)
 class BenchPlan:
     targets: list[BenchTarget]
     labels: dict[str, str]
@@ -272,29 +301,62 @@ class BenchPlan:
     macs_per_image: int
 
 
-def plan_bench(
-    models: list,
-    variant: str | None,
-    img_size: tuple[int, int] | None,
-    with_torch: bool,
-    workdir,
-    say: Callable[[str], None],
-    runtimes: tuple[str, ...] = ("onnxruntime",),
-    precision: str = "f32",
-    largest_batch: int = 1,
-) -> BenchPlan:
-    """Targets for ``coatnet-export bench``: the given ONNX models in every runtime, and PyTorch
-    eager. ``precision`` applies to OpenVINO; ``largest_batch`` must fit in memory."""
-    from pathlib import Path
+BENCH_COLUMNS = (
+    "name",
+    "runtime",
+    "threads",
+    "batch",
+    "p50_ms",
+    "p90_ms",
+    "p99_ms",
+    "images_per_s",
+    "gflops_per_s",
+    "pct_of_peak",
+)
 
-    from coatnet_export.console import Progress
+
+@dataclass(frozen=True)
+class BenchOutcome:
+    """Each target's latency at each setting, and the matmul peak of the same rounds."""
+
+    labels: dict[str, str]
+    results: list[LatencyStats]
+    peaks: dict[tuple[int, int], float]
+    """Matmul GFLOP/s by (threads, batch)."""
+    gflop_per_image: float
+
+    def rows(self) -> list[dict]:
+        return [r.as_dict() for r in self.results]
+
+    def as_dict(self) -> dict:
+        return {
+            "targets": self.labels,
+            "results": self.rows(),
+            "matmul_gflops": {f"{t}x{b}": v for (t, b), v in self.peaks.items()},
+            "gflop_per_image": self.gflop_per_image,
+        }
+
+
+def run_bench(options: BenchOptions, progress: Progress) -> BenchOutcome:
+    """Plan the targets (exporting --variant when no model is given), then time them."""
+    with tempfile.TemporaryDirectory() as workdir:
+        plan = plan_bench(options, Path(workdir), progress)
+        rows, peaks = benchmark(plan, options, progress)
+    return BenchOutcome(plan.labels, rows, peaks, plan.macs_per_image * 2 / 1e9)
+
+
+def plan_bench(options: BenchOptions, workdir: Path, progress: Progress) -> BenchPlan:
+    """Targets for ``coatnet-export bench``: the given ONNX models in every runtime, and PyTorch
+    eager. ``options.precision`` applies to OpenVINO; the largest batch must fit in memory."""
     from coatnet_export.describe import resolve_model_path
     from coatnet_export.errors import InputError
     from coatnet_export.export.pipeline import ExportOptions, run_export
     from models import VariantSpec, get_variant, init_weights, materialize, variant_cost
 
+    variant, img_size, largest_batch = options.variant, options.img_size, max(options.batches)
+    settings = len(options.thread_counts) * len(options.batches)
     paths: list[Path] = []
-    for model in models:
+    for model in options.models:
         if Path(model).is_dir() and (Path(model) / "model.int8.onnx").is_file():
             paths += [Path(model) / "model.onnx", Path(model) / "model.int8.onnx"]
         else:
@@ -304,16 +366,17 @@ def plan_bench(
         if architecture is None:
             raise InputError("give ONNX models to time, or --variant NAME")
         check_bench_memory(architecture, img_size or (224, 224), 3, 1000, largest_batch)
-        say(f"exporting {variant} (fp32) for the benchmark ...")
-        outcome = run_export(
-            ExportOptions(
-                architecture=architecture,
-                output=Path(workdir) / variant,
-                img_size=img_size,
-                validate=False,
-            ),
-            Progress(4, enabled=False),
-        )
+        progress.expect(settings + 1)
+        with progress.step(f"exporting {variant} (fp32) for the benchmark"):
+            outcome = run_export(
+                ExportOptions(
+                    architecture=architecture,
+                    output=workdir / variant,
+                    img_size=img_size,
+                    validate=False,
+                ),
+                Progress(enabled=False),
+            )
         paths.append(outcome.directory / "model.onnx")
     described = [(path, *describe_onnx(path)) for path in paths]
     metadata = next((m for _, _, m in described if m), None)
@@ -325,8 +388,9 @@ def plan_bench(
     channels = metadata.in_channels if metadata else 3
     classes = metadata.num_classes if metadata else 1000
     check_bench_memory(architecture, size, channels, classes, largest_batch)
+    progress.expect(progress.done + settings)
     targets, labels = [], {}
-    if with_torch:
+    if options.with_torch:
         model = init_weights(
             materialize(architecture.build(size, classes, channels, device="meta")), 0
         ).eval()
@@ -335,8 +399,8 @@ def plan_bench(
     for path, kind, _ in described:
         name = kind if kind not in labels else f"{kind} ({path.name})"
         labels[name] = str(path)
-        for runtime in runtimes:
-            openvino_precision = precision if runtime == "openvino" else "f32"
+        for runtime in dict.fromkeys(options.runtimes):
+            openvino_precision = options.precision if runtime == "openvino" else "f32"
             targets.append(model_target(name, path, runtime, openvino_precision))
     macs = variant_cost(architecture, size, classes, channels).macs
     return BenchPlan(targets, labels, (channels, *size), macs)

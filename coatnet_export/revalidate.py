@@ -46,8 +46,26 @@ def recorded_architecture(
         ) from None
 
 
-@dataclass
-class Revalidation:
+@dataclass(frozen=True, kw_only=True)
+class ValidateOptions:
+    """What ``coatnet-export validate`` was asked to do."""
+
+    model: Path
+    """The export folder or its .onnx file."""
+    checkpoint: Path | None = None
+    """The checkpoint it was exported from (None: the seeded weights its metadata records)."""
+    images: tuple[Path, ...] = ()
+    samples: int = 3
+    gates: Gates = field(default_factory=Gates)
+    threads: int | None = None
+    runtime: str = "onnxruntime"
+    precision: str = "f32"
+
+
+@dataclass(frozen=True)
+class ValidateOutcome:
+    """Each case's comparison with the PyTorch reference."""
+
     model_path: Path
     results: list[CaseResult]
     warnings: list[str] = field(default_factory=list)
@@ -57,30 +75,25 @@ class Revalidation:
     def passed(self) -> bool:
         return all(r.passed for r in self.results)
 
-    def report(self) -> dict:
+    def rows(self) -> list[dict]:
+        return [r.as_dict() for r in self.results]
+
+    def as_dict(self) -> dict:
         return {
             "model": str(self.model_path),
             "runtime": self.runtime,
             "passed": self.passed,
-            "results": [r.as_dict() for r in self.results],
+            "results": self.rows(),
             "warnings": self.warnings,
         }
 
 
-def revalidate(
-    path: Path,
-    checkpoint: Path | None,
-    images: list[Path],
-    samples: int,
-    gates: Gates,
-    threads: int | None,
-    progress: Progress,
-    runtime: str = "onnxruntime",
-    precision: str = "f32",
-) -> Revalidation:
+def run_validate(options: ValidateOptions, progress: Progress) -> ValidateOutcome:
     """Rebuild the reference the metadata describes and compare it with the ONNX model run in
     ``runtime``."""
-    model_path = resolve_model_path(path)
+    opts = options
+    checkpoint, samples, images = opts.checkpoint, opts.samples, list(opts.images)
+    model_path = resolve_model_path(opts.model)
     metadata = metadata_of(load_proto(model_path), model_path)
     if metadata is None:
         raise InputError(
@@ -108,6 +121,7 @@ def revalidate(
     check_memory(spec, batch or LARGE_BATCH, held, "the model is too large for this machine")
     preprocessing = metadata.preprocessing()
     warnings = []
+    progress.expect(3)
     with progress.step("building the PyTorch reference"):
         reference = load_reference(spec, state_dict, str(checkpoint), metadata.seed or 0)
         if weights_sha256(reference.model) != metadata.weights_sha256:
@@ -130,8 +144,13 @@ def revalidate(
         warnings += [f"skipped unreadable image {s}" for s in skipped]
     del reference, state_dict
     gc.collect()
-    with progress.step(f"validating {len(cases)} case(s) in {runtime}"):
+    with progress.step(f"validating {len(cases)} case(s) in {opts.runtime}"):
         results = validate_onnx(
-            model_path, cases, gates, threads=threads, runtime=runtime, precision=precision
+            model_path,
+            cases,
+            opts.gates,
+            threads=opts.threads,
+            runtime=opts.runtime,
+            precision=opts.precision,
         )
-    return Revalidation(model_path, results, warnings, runtime)
+    return ValidateOutcome(model_path, results, warnings, opts.runtime)

@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from coatnet_export.bench import LatencyStats, benchmark, describe_peaks, plan_bench
+from coatnet_export.bench import BenchOptions, LatencyStats, describe_peaks, run_bench
 from coatnet_export.console import Progress, render_table
 from coatnet_export.errors import InputError
 from coatnet_export.metadata import write_json
@@ -157,17 +157,22 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-runtimes-") as tmp:
         work = Path(tmp)
         models = args.models or export_and_quantize(args.variant, work, args.calibration_images)
-        plan = plan_bench(models, None, None, not args.no_torch, work, say, RUNTIMES)
-        rows, peaks = benchmark(
-            plan.targets, plan.input_shape, batches, threads, args.runs, args.warmup,
-            plan.macs_per_image, lambda text: say(f"  {text}"),
-        )  # fmt: skip
-    table = table_rows(rows)
+        options = BenchOptions(
+            models=tuple(models),
+            batches=tuple(batches),
+            threads=tuple(threads),
+            runs=args.runs,
+            warmup=args.warmup,
+            with_torch=not args.no_torch,
+            runtimes=RUNTIMES,
+        )
+        outcome = run_bench(options, Progress())
+    table = table_rows(outcome.results)
     cpu = cpu_model()
     print(render_table(table, COLUMNS))
     print(
-        f"CPU: {cpu}; model: {plan.macs_per_image * 2 / 1e9:.2f} GFLOP per image; "
-        + describe_peaks(peaks)
+        f"CPU: {cpu}; model: {outcome.gflop_per_image:.2f} GFLOP per image; "
+        + describe_peaks(outcome.peaks)
     )
     if args.json:
         write_json(
@@ -176,9 +181,7 @@ def run(args: argparse.Namespace) -> int:
                 "command": " ".join(sys.argv),
                 "cpu": cpu,
                 "versions": versions(),
-                "targets": plan.labels,
-                "matmul_gflops": {f"{t}x{b}": v for (t, b), v in peaks.items()},
-                "gflop_per_image": plan.macs_per_image * 2 / 1e9,
+                **outcome.as_dict(),
                 "results": table,
             },
         )

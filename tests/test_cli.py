@@ -151,7 +151,7 @@ def test_export_validate_info_end_to_end(tmp_path: Path, run_cli) -> None:
         "validation.json",
     ]
 
-    info = run_cli("info", out, "--json")
+    info = run_cli("info", out, "--json", "-")
     assert info.code == 0
     described = json.loads(info.out)
     assert described["variant"] == VARIANT and described["outputs"] == {"logits": ["batch", 1000]}
@@ -204,7 +204,7 @@ def test_version_and_help(run_cli) -> None:
 
 
 def test_variants_lists_counts(run_cli) -> None:
-    result = run_cli("variants", "--json")
+    result = run_cli("variants", "--json", "-")
     rows = json.loads(result.out)
     assert [r["variant"] for r in rows] == [f"coatnet_{i}" for i in range(8)]
     assert rows[0]["parameters"] == 27_174_944 and rows[7]["parameters"] == 3_107_978_688

@@ -319,7 +319,7 @@ def test_info_lists_every_artefact(digits: dict[str, Path], tmp_path: Path, run_
     export = copy_of(digits["export"], tmp_path)
     assert run_cli("package", export, "--target", "ort", "--ort-models", "int8").code == 0
     (export / "notes.txt").write_text("mine")
-    result = run_cli("info", export, "--json")
+    result = run_cli("info", export, "--json", "-")
     assert result.code == 0, result.err
     found = json.loads(result.out)["artefacts"]
     assert set(found) == {

@@ -293,6 +293,28 @@ def quant_options_from(kw: dict, mode: str, model: Path | None, **more) -> Quant
     )
 
 
+def json_option(what: str = "the results"):
+    """``--json FILE``: every command writes its outcome to a JSON file (``-``: stdout)."""
+    return click.option(
+        "--json",
+        "json_path",
+        type=click.Path(path_type=Path, dir_okay=False, allow_dash=True),
+        help=f"Also write {what} to this JSON file ('-': print it instead of the table).",
+    )
+
+
+def write_json_to(path: Path, data: object) -> None:
+    """``--json``'s file (``-``: stdout), written through output.py's staging."""
+    from coatnet_export.errors import writing
+    from coatnet_export.metadata import write_json
+
+    if str(path) == "-":
+        click.echo(json.dumps(data, indent=2))
+        return
+    with writing(path, "--json"):
+        write_json(path, data)
+
+
 def img_size_option(help: str, default: tuple[int, int] | None = None):
     """``--img-size H W``: the one spelling of the image size in every command."""
     return click.option(
