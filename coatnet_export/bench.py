@@ -6,16 +6,17 @@ import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from coatnet_export.console import Progress
+from coatnet_export.layout import INT8_FILE, MODEL_FILE
 
 if TYPE_CHECKING:
     from models import VariantSpec
@@ -46,9 +47,12 @@ class LatencyStats:
         return asdict(self)
 
 
+Key = TypeVar("Key", bound=Hashable)
+
+
 def time_interleaved(
-    candidates: dict[str, Callable[[], object]], warmup: int, runs: int
-) -> dict[str, list[float]]:
+    candidates: Mapping[Key, Callable[[], object]], warmup: int, runs: int
+) -> dict[Key, list[float]]:
     """Seconds per call of each candidate, measured round-robin so drift hits all alike.
 
     Every candidate is warmed up first; each round then calls every candidate in turn,
@@ -58,7 +62,7 @@ def time_interleaved(
         for _ in range(warmup):
             fn()
     names = list(candidates)
-    samples: dict[str, list[float]] = {name: [] for name in names}
+    samples: dict[Key, list[float]] = {name: [] for name in names}
     for round_index in range(runs):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
@@ -356,14 +360,14 @@ def plan_bench(options: BenchOptions, workdir: Path, progress: Progress) -> Benc
     variant, img_size, largest_batch = options.variant, options.img_size, max(options.batches)
     settings = len(options.thread_counts) * len(options.batches)
     paths: list[Path] = []
-    for model in options.models:
-        if Path(model).is_dir() and (Path(model) / "model.int8.onnx").is_file():
-            paths += [Path(model) / "model.onnx", Path(model) / "model.int8.onnx"]
+    for given in options.models:
+        if given.is_dir() and (given / INT8_FILE).is_file():
+            paths += [given / MODEL_FILE, given / INT8_FILE]
         else:
-            paths.append(resolve_model_path(Path(model)))
+            paths.append(resolve_model_path(given))
     architecture = get_variant(variant) if variant else None
     if not paths:
-        if architecture is None:
+        if architecture is None or variant is None:
             raise InputError("give ONNX models to time, or --variant NAME")
         check_bench_memory(architecture, img_size or (224, 224), 3, 1000, largest_batch)
         progress.expect(settings + 1)
@@ -377,7 +381,7 @@ def plan_bench(options: BenchOptions, workdir: Path, progress: Progress) -> Benc
                 ),
                 Progress(enabled=False),
             )
-        paths.append(outcome.directory / "model.onnx")
+        paths.append(outcome.directory / MODEL_FILE)
     described = [(path, *describe_onnx(path)) for path in paths]
     metadata = next((m for _, _, m in described if m), None)
     if architecture is None and metadata is not None:

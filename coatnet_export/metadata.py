@@ -93,7 +93,7 @@ def write_props(model: onnx.ModelProto, metadata: ExportMetadata) -> None:
     onnx.helper.set_model_props(model, metadata.to_props())
 
 
-def write_json(path: Path, payload: dict[str, Any]) -> None:
+def write_json(path: Path, payload: dict[str, Any] | list[Any]) -> None:
     """Write JSON atomically: to a temporary name of its own beside ``path``, then rename (a
     failed write, a full disk, leaves nothing behind; two writers never tear the file)."""
     from coatnet_export.output import atomic_file

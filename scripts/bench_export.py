@@ -22,6 +22,7 @@ largest peak.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import shlex
@@ -29,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -93,8 +95,8 @@ def latency(workdir: Path, threads: int, runs: int) -> tuple[list[dict], dict]:
         for attention, path in ours.items()
     }
     sessions["onnx (plain torch.onnx.export)"] = make_session(plain_path, threads)
-    candidates = {
-        name: (lambda s=s: s.run(None, {s.get_inputs()[0].name: feed}))
+    candidates: dict[str, Callable[[], object]] = {
+        name: functools.partial(s.run, None, {s.get_inputs()[0].name: feed})
         for name, s in sessions.items()
     }
 

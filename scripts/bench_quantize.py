@@ -27,6 +27,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -195,7 +196,8 @@ def bench_recipes(work: Path, args) -> list[dict]:
             cache = calibrate(folder / "pre.onnx", inputs, None, "minmax", plan, lambda n: None)
             prepared[model, split_attention] = folder / "pre.onnx", cache
     reference = logits(digits / "model.onnx", held_out, SessionPlan(args.threads, False, 8, False))
-    rows, c0_int8 = [], {}
+    rows: list[dict[str, Any]] = []
+    c0_int8: dict[str, Path] = {}
     for index, recipe in enumerate(RECIPES.values()):
         print(f"recipe {recipe.name} ...", file=sys.stderr)
         outputs = {}

@@ -101,7 +101,7 @@ def export_and_quantize(variant: str, work: Path, calibration: int) -> list[Path
     outputs = []
     for folder, runtime in ((outcome.directory, "onnxruntime"), (for_openvino, "openvino")):
         say(f"quantizing for {runtime} on {calibration} photograph crops ...")
-        outcome = run_quantize(
+        quantized = run_quantize(
             QuantOptions(
                 model=folder,
                 calibration_data=work / "photos",
@@ -111,9 +111,9 @@ def export_and_quantize(variant: str, work: Path, calibration: int) -> list[Path
             ),
             Progress(),
         )
-        if not outcome.passed:
-            say(f"warning: int8 for {runtime} failed its gate ({outcome.report.gate})")
-        outputs.append(outcome.model)
+        if not quantized.passed:
+            say(f"warning: int8 for {runtime} failed its gate ({quantized.report.gate})")
+        outputs.append(quantized.model)
     return [outcome.directory, outputs[1]]
 
 

@@ -134,15 +134,18 @@ def gate_measurement(path: Path, images: list[Path], quantized: bool) -> np.ndar
     from coatnet_export.describe import load_proto, metadata_of
 
     metadata = metadata_of(load_proto(path), path)
+    if metadata is None:
+        raise SystemExit(f"{path} has no coatnet-export metadata")
     unfused = False
-    if quantized and metadata is not None and metadata.quantization:
+    if quantized and metadata.quantization:
         q = metadata.quantization
         choice = choose_types(
             q["target_cpu"], q["activation_type"], q["weight_type"], q["reduce_range"]
         )
         unfused = judge(choice).exact
     model = load_model(path, "onnxruntime", RunOptions(threads=1, unfused=unfused))
-    arrays = [array for _, array, _ in load_images(images, metadata.preprocessing())]
+    loaded = load_images(images, metadata.preprocessing())
+    arrays = [array for _, array, _ in loaded if array is not None]
     logits = np.concatenate(
         [model.run(np.stack(arrays[i : i + 8])) for i in range(0, len(arrays), 8)]
     )
@@ -160,7 +163,7 @@ class Runner:
 
     def command(self, args: list[str]) -> list[str]:
         e = self.emulation
-        if e.qemu is None:
+        if e.qemu is None or e.cpu is None:
             return [sys.executable, *args]
         if self.root is None:
             return [e.qemu, "-cpu", e.cpu, sys.executable, *args]
@@ -245,7 +248,10 @@ def computes_as_target(cpu: str, model: Path) -> bool:
     saturates, or both do."""
     from coatnet_export.describe import load_proto, metadata_of
 
-    q = metadata_of(load_proto(model), model).quantization
+    metadata = metadata_of(load_proto(model), model)
+    q = metadata.quantization if metadata is not None else None
+    if q is None:
+        raise SystemExit(f"{model} is not an int8 model of coatnet-export")
     choice = choose_types(
         q["target_cpu"], q["activation_type"], q["weight_type"], q["reduce_range"]
     )

@@ -212,5 +212,5 @@ def export(**kw) -> None:
     click.echo(f"{status} in {outcome.timings['total_s']:.1f} s -> {outcome.directory}")
     if kw["quantize_mode"]:
         click.echo(f"\nquantizing ({kw['quantize_mode']}):")
-        options = quant_options_from(kw, kw["quantize_mode"], outcome.directory)
-        quantize_and_show(options, Progress(enabled=not kw["quiet"]))
+        quantized = quant_options_from(kw, kw["quantize_mode"], outcome.directory)
+        quantize_and_show(quantized, Progress(enabled=not kw["quiet"]))

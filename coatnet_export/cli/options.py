@@ -303,7 +303,7 @@ def json_option(what: str = "the results"):
     )
 
 
-def write_json_to(path: Path, data: object) -> None:
+def write_json_to(path: Path, data: dict | list) -> None:
     """``--json``'s file (``-``: stdout), written through output.py's staging."""
     from coatnet_export.errors import writing
     from coatnet_export.metadata import write_json

@@ -21,7 +21,12 @@ from coatnet_export.errors import writing
 from coatnet_export.layout import INT8_FILE
 from coatnet_export.quantize.calibrate import SessionPlan, calibrate
 from coatnet_export.quantize.evaluate import Agreement, agreement, latency, logits, lowest_sqnr
-from coatnet_export.quantize.fallback import SQNR_SAMPLES, Fallback, quantize_until_gate
+from coatnet_export.quantize.fallback import (
+    SQNR_SAMPLES,
+    Attempt,
+    Fallback,
+    quantize_until_gate,
+)
 from coatnet_export.quantize.graph import prepare
 from coatnet_export.quantize.options import QuantOptions, QuantPlan, check_options, resolve
 from coatnet_export.quantize.outputs import publish_outputs, workspace, write_outputs
@@ -58,8 +63,8 @@ def announce(plan: QuantPlan, progress: Progress) -> None:
 
 def measure(
     work: Path, source: Source, plan: QuantPlan, data: Data, progress: Progress
-) -> tuple[QuantReport, Fallback]:
-    """Every heavy step, in ``work``: the report and the quantization attempts."""
+) -> tuple[QuantReport, Attempt]:
+    """Every heavy step, in ``work``: the report and the final quantization."""
     opts = plan.options
     sessions = source.sessions(opts.threads, opts.runtime)
     pre = prepare_model(work, source, plan, sessions, progress)

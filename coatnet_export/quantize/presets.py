@@ -274,12 +274,14 @@ def choose_types(
         "weight_type": weight_type,
         "reduce_range": reduce_range,
     }
-    overrides = {k: v for k, v in wanted.items() if v is not None and v != getattr(preset, k)}
+    overrides: dict[str, object] = {
+        k: v for k, v in wanted.items() if v is not None and v != getattr(preset, k)
+    }
     choice = QuantChoice(
         preset.name,
-        overrides.get("activation_type", preset.activation_type),
-        overrides.get("weight_type", preset.weight_type),
-        overrides.get("reduce_range", preset.reduce_range),
+        activation_type if activation_type is not None else preset.activation_type,
+        weight_type if weight_type is not None else preset.weight_type,
+        reduce_range if reduce_range is not None else preset.reduce_range,
         preset.reason,
         detected,
         overrides,

@@ -36,7 +36,8 @@ class QuantReport:
 
     mode: str
     quantized_ops: list[str]
-    """The recipe's op types (static) or those of dynamic quantization."""
+    """The recipe's op types (static; empty: onnxruntime's default set) or those of dynamic
+    quantization."""
     choice: QuantChoice
     calibration: str
     calibration_method: str | None
@@ -80,7 +81,7 @@ class QuantReport:
         before = timings.get("int8 before fallback")
         return cls(
             mode=opts.mode,
-            quantized_ops=list(recipe.op_types if recipe else DYNAMIC_OPS),
+            quantized_ops=list((recipe.op_types or ()) if recipe else DYNAMIC_OPS),
             choice=choice,
             calibration=measured.data.calibration_source,
             calibration_method=opts.method if recipe else None,

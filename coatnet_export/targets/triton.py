@@ -222,7 +222,10 @@ def memory_notes(metadata: ExportMetadata, config: Any, instances: int) -> list[
     except (KeyError, TypeError, ValueError):
         return []
     spec = ModelSpec(
-        architecture, tuple(metadata.img_size), metadata.in_channels, metadata.num_classes
+        architecture,
+        (metadata.img_size[0], metadata.img_size[1]),
+        metadata.in_channels,
+        metadata.num_classes,
     )
     batch = config.max_batch_size or int(metadata.batch)
     needed = instances * estimate_memory(spec, batch, batch).total
