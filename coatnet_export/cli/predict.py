@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from coatnet_export.cli.options import THREADS
-from coatnet_export.console import render_table
+from coatnet_export.console import Progress, render_table
 from coatnet_export.errors import writing
 from coatnet_export.metadata import write_json
 
@@ -113,9 +113,9 @@ def predict(
 
         check_side_file(json_path, "--json", [export], [("--output", output)])
         check_apart(json_path, "--json", scanned=image_inputs(options))
-    summary = run_predict(options)
-    click.echo(render_table([summary], SUMMARY_COLUMNS))
+    outcome = run_predict(options, Progress())
+    click.echo(render_table(outcome.rows(), SUMMARY_COLUMNS))
     if json_path:
         with writing(json_path, "--json"):
-            write_json(json_path, summary)
+            write_json(json_path, outcome.as_dict())
     click.echo(f"predictions -> {output}")

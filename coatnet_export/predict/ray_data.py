@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from coatnet_export.errors import InputError
-from coatnet_export.predict.common import Classifier, Meter, ModelSpec, decode, is_uri
+from coatnet_export.predict.common import Classifier, ClassifierSpec, Meter, decode, is_uri
 from coatnet_export.predict.parquet import SCHEMA, PredictionWriter
 from coatnet_export.preprocess import Preprocessing
 
@@ -47,7 +47,7 @@ def decode_batch(
 class RayClassifier:
     """Ray actor: one onnxruntime session; a batch of decoded images to a table of rows."""
 
-    def __init__(self, spec: ModelSpec, threads: int) -> None:
+    def __init__(self, spec: ClassifierSpec, threads: int) -> None:
         self.classifier = Classifier(spec, threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -103,7 +103,7 @@ def _quiet_ray_data() -> None:
 
 
 def run_ray(
-    spec: ModelSpec,
+    spec: ClassifierSpec,
     paths: list[str],
     writer: PredictionWriter,
     meter: Meter,
