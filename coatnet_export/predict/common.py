@@ -217,7 +217,8 @@ class Classifier:
     ) -> list[dict]:
         """One row per path: top-k for decoded images, the error for the others."""
         good = [i for i, array in enumerate(arrays) if array is not None]
-        probs = self.probabilities(np.stack([arrays[i] for i in good])) if good else []
+        decoded = [array for array in arrays if array is not None]
+        probs = list(self.probabilities(np.stack(decoded))) if decoded else []
         ranked = dict(zip(good, probs, strict=True))
         return [self.row(path, ranked.get(i), errors[i]) for i, path in enumerate(paths)]
 

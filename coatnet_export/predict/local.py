@@ -62,7 +62,7 @@ def _main_script_hidden() -> Iterator[None]:
     """
     main = sys.modules.get("__main__")
     path = getattr(main, "__file__", None)
-    if path is None or getattr(main, "__spec__", None) is not None:
+    if main is None or path is None or getattr(main, "__spec__", None) is not None:
         yield
         return
     del main.__file__
