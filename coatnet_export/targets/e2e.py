@@ -42,8 +42,8 @@ from coatnet_export.preprocess import Preprocessing, list_images, open_image
 from coatnet_export.targets import (
     INT8_FILE,
     MODEL_FILE,
-    PackageRequest,
-    PackageResult,
+    PackageOptions,
+    PackageOutcome,
     export_metadata,
     int8_layout_notes,
 )
@@ -414,7 +414,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 # --- the target ---
 
 
-def build(request: PackageRequest) -> PackageResult:
+def build(request: PackageOptions) -> PackageOutcome:
     """Write model.e2e.onnx (and model.e2e.int8.onnx) into the export folder, checked."""
     export_dir = request.export_dir
     if request.output is not None:
@@ -453,11 +453,11 @@ def _write_checked(
     targets: list[Path],
     metadata: ExportMetadata,
     images: list[tuple[str, Image.Image]],
-    request: PackageRequest,
-) -> PackageResult:
+    request: PackageOptions,
+) -> PackageOutcome:
     """Stage each e2e model, measure it against its source, and rename them into place."""
     pre = metadata.preprocessing()
-    result = PackageResult()
+    result = PackageOutcome()
     stage = Path(tempfile.mkdtemp(prefix=".e2e.partial-", dir=export_dir))
     try:
         staged: list[Path] = []
@@ -466,7 +466,7 @@ def _write_checked(
             weights = write_e2e(source, staged_model, metadata)
             agreement = measure(staged_model, source, pre, images, request.options.get("threads"))
             _gate(agreement)
-            result.rows.append({**agreement.as_row(), "bytes": _bytes(staged_model, weights)})
+            result.table.append({**agreement.as_row(), "bytes": _bytes(staged_model, weights)})
             staged += [p for p in (weights, staged_model) if p is not None]
         result.files = _publish(staged, export_dir)
     finally:

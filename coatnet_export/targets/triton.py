@@ -32,8 +32,8 @@ from coatnet_export.output import check_member_name, claim, publish, staging
 from coatnet_export.targets import (
     INT8_FILE,
     MODEL_FILE,
-    PackageRequest,
-    PackageResult,
+    PackageOptions,
+    PackageOutcome,
     export_metadata,
     int8_layout_notes,
 )
@@ -254,7 +254,7 @@ def summary_rows(config: Any) -> list[dict[str, Any]]:
     ]
 
 
-def build(request: PackageRequest) -> PackageResult:
+def build(request: PackageOptions) -> PackageOutcome:
     """``coatnet-export package DIR --target triton --output REPO``: :func:`write_repository`."""
     if request.output is None:
         raise InputError("--target triton writes a model repository: give --output REPO")
@@ -284,4 +284,4 @@ def build(request: PackageRequest) -> PackageResult:
     if options.int8:
         runtime = "openvino" if options.openvino else "onnxruntime"
         notes += int8_layout_notes(request.export_dir, runtime)
-    return PackageResult(files=[folder], rows=summary_rows(config), notes=notes)
+    return PackageOutcome(files=[folder], table=summary_rows(config), notes=notes)
