@@ -262,6 +262,22 @@ def test_recipe_option_picks_the_layout(
     assert refused.code == 2 and "--recipe is for static quantization" in refused.err
 
 
+def test_recipe_of_onnxruntimes_default_op_set(tmp_path: Path, digits, run_cli) -> None:
+    """``--recipe onnxruntime-ops`` names no op types (onnxruntime picks them): the report
+    records none instead of failing on them (it was an internal error)."""
+    export = fresh_export(digits, tmp_path)
+    result = run_cli(
+        "quantize", export, "--calibration-data", digits["calibration"], "--eval-data",
+        digits["test"], "--latency-runs", "2", "--recipe", "onnxruntime-ops",
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    report = json.loads((export / "quantization.json").read_text())
+    assert report["recipe"] == RECIPES["onnxruntime-ops"].name
+    assert report["quantized_ops"] == []
+    int8 = onnx.load(str(export / "model.int8.onnx"), load_external_data=False)
+    assert any(n.op_type == "QuantizeLinear" for n in int8.graph.node)
+
+
 def test_infer_script_runs_the_int8_model(tmp_path: Path, digits) -> None:
     from test_infer import run_without_torch
 
