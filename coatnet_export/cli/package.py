@@ -168,10 +168,10 @@ def package(
 
         outputs = [("--output", output)] if output is not None else []
         check_side_file(json_file, "--json", [export_dir, *package_inputs(own)], outputs)
-    options = PackageOptions(
+    request = PackageOptions(
         target=target_name, export_dir=export_dir, output=output, force=force, options=own
     )
-    show(run_package(options), json_file)
+    show(run_package(request), json_file)
 
 
 def package_inputs(options: dict[str, Any]) -> list[Path]:
