@@ -12,9 +12,11 @@ from coatnet_export.cli.options import (
     FloatListType,
     SizeType,
     img_size_option,
+    json_option,
     quant_options_from,
     quantize_options,
     runtime_options,
+    write_json_to,
 )
 from coatnet_export.console import Progress, render_table
 from coatnet_export.errors import GateFailed
@@ -24,30 +26,35 @@ if TYPE_CHECKING:
     from coatnet_export.quantize import QuantOptions, QuantOutcome
 
 
-def quantize_and_show(options: QuantOptions, progress: Progress) -> QuantOutcome:
-    """Run the quantization, print its table and notes; a failed gate exits 1."""
+def quantize_and_show(
+    options: QuantOptions, progress: Progress, json_path: Path | None = None
+) -> None:
+    """Run the quantization, write ``--json``, print the table and notes (``--json -``: the
+    JSON instead); a failed gate exits 1."""
     from coatnet_export.quantize import run_quantize
 
     outcome = run_quantize(options, progress)
-    show(outcome)
-    return outcome
+    if json_path is not None:
+        write_json_to(json_path, outcome.as_dict())
+    show(outcome, table=json_path is None or str(json_path) != "-")
 
 
-def show(outcome: QuantOutcome) -> None:
+def show(outcome: QuantOutcome, table: bool) -> None:
     report = outcome.report
-    click.echo(render_table(outcome.rows(), ("metric", "value")))
-    if report.lowest_sqnr:
-        click.echo("\nlowest SQNR activations (dB):")
-        click.echo(render_table(report.lowest_sqnr, ("tensor", "sqnr_db")))
+    if table:
+        click.echo(render_table(outcome.rows(), ("metric", "value")))
+        if report.lowest_sqnr:
+            click.echo("\nlowest SQNR activations (dB):")
+            click.echo(render_table(report.lowest_sqnr, ("tensor", "sqnr_db")))
     for note in report.notes:
-        click.echo(f"note: {note}")
+        click.echo(f"note: {note}", err=not table)
     gate = report.gate
     if not outcome.passed:
         raise GateFailed(
             f"int8 {gate['metric']} {gate['value']:.4f} is below the gate {gate['threshold']}; "
             f"{outcome.model} is written for inspection but should not be deployed"
         )
-    click.echo(f"int8 model -> {outcome.model}")
+    click.echo(f"int8 model -> {outcome.model}", err=not table)
 
 
 @click.command()
@@ -69,6 +76,7 @@ def show(outcome: QuantOutcome) -> None:
     help="Timed batch-1 runs of each model for the speed-up.",
 )
 @click.option("--quiet", is_flag=True, help="No progress lines.")
+@json_option("the report (quantization.json's content and the model's path)")
 @runtime_options(precision=False)
 def quantize(
     target: Path,
@@ -80,6 +88,7 @@ def quantize(
     latency_runs: int,
     runtime: str,
     quiet: bool,
+    json_path: Path | None,
     **kw,
 ) -> None:
     """Quantize an existing export (directory or model.onnx) to model.int8.onnx.
@@ -98,4 +107,8 @@ def quantize(
         latency_runs=latency_runs,
         runtime=runtime,
     )
-    quantize_and_show(options, Progress(enabled=not quiet))
+    if json_path is not None and str(json_path) != "-":
+        from coatnet_export.output import check_side_file
+
+        check_side_file(json_path, "--json", [target, *filter(None, [kw["calibration_data"]])])
+    quantize_and_show(options, Progress(enabled=not quiet), json_path)
