@@ -6,10 +6,15 @@ from pathlib import Path
 
 import click
 
-from coatnet_export.cli.options import THREADS, img_size_option, runtime_options
+from coatnet_export.cli.options import (
+    THREADS,
+    check_json_path,
+    img_size_option,
+    json_option,
+    runtime_options,
+    write_json_to,
+)
 from coatnet_export.console import Progress, render_table
-from coatnet_export.errors import writing
-from coatnet_export.metadata import write_json
 
 
 @click.command()
@@ -52,12 +57,7 @@ from coatnet_export.metadata import write_json
     help="Include PyTorch eager.",
 )
 @runtime_options(multiple=True)
-@click.option(
-    "--json",
-    "json_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="Also write the results to this JSON file.",
-)
+@json_option("the results")
 def bench(
     models,
     variant,
@@ -95,10 +95,12 @@ def bench(
     for runtime in options.runtimes:
         check_runtime(runtime, precision if runtime == "openvino" else "f32")
     if json_path:
-        from coatnet_export.output import check_side_file
-
-        check_side_file(json_path, "--json", models)  # before the benchmark, not after it
+        check_json_path(json_path, list(models))  # before the benchmark, not after it
     outcome = run_bench(options, Progress())
+    if json_path:
+        write_json_to(json_path, outcome.as_dict())
+        if str(json_path) == "-":
+            return
     click.echo(render_table(outcome.rows(), BENCH_COLUMNS))
     click.echo(
         f"model: {outcome.gflop_per_image:.2f} GFLOP per image; {describe_peaks(outcome.peaks)}"
@@ -107,6 +109,3 @@ def bench(
         from coatnet_export.quantize import fastest_int8
 
         click.echo(f"note: {fastest_int8()}")
-    if json_path:
-        with writing(json_path, "--json"):
-            write_json(json_path, outcome.as_dict())

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from coatnet_export.cli.options import json_option, write_json_to
+from coatnet_export.cli.options import check_json_path, json_option, write_json_to
 from coatnet_export.console import render_table
 
 
@@ -17,10 +17,8 @@ def info(model: Path, json_path: Path | None) -> None:
     """Show what an export holds: metadata, inputs, outputs, size, and every artefact."""
     from coatnet_export.describe import InfoOptions, run_info
 
-    if json_path is not None and str(json_path) != "-":
-        from coatnet_export.output import check_side_file
-
-        check_side_file(json_path, "--json", [model])
+    if json_path is not None:
+        check_json_path(json_path, [model])
     outcome = run_info(InfoOptions(model=model))
     for warning in outcome.warnings:
         click.echo(f"warning: {warning}", err=True)

@@ -303,6 +303,17 @@ def json_option(what: str = "the results"):
     )
 
 
+def check_json_path(
+    path: Path, inputs: list[Path], outputs: list[tuple[str, Path]] | None = None
+) -> None:
+    """``--json``'s file, checked before the work (``-``, stdout, needs no check)."""
+    if str(path) == "-":
+        return
+    from coatnet_export.output import check_side_file
+
+    check_side_file(path, "--json", inputs, outputs or [])
+
+
 def write_json_to(path: Path, data: dict | list) -> None:
     """``--json``'s file (``-``: stdout), written through output.py's staging."""
     from coatnet_export.errors import writing

@@ -7,10 +7,9 @@ from typing import Any
 
 import click
 
-from coatnet_export.cli.options import THREADS
+from coatnet_export.cli.options import THREADS, check_json_path, write_json_to
 from coatnet_export.console import render_table
-from coatnet_export.errors import InputError, writing
-from coatnet_export.metadata import write_json
+from coatnet_export.errors import InputError
 from coatnet_export.targets import TARGETS, PackageOptions, PackageOutcome, run_package
 
 TARGET_OPTIONS: dict[str, str] = {}
@@ -48,9 +47,10 @@ def target_option(target: str, *decls: str, **attrs: Any):
 @click.option(
     "--json",
     "json_file",
-    type=click.Path(path_type=Path),
+    type=click.Path(path_type=Path, allow_dash=True),
     default=None,
-    help="Also write what was built (files, table, notes) to this JSON file.",
+    help="Also write what was built (files, table, notes) to this JSON file ('-': print it "
+    "instead of the table).",
 )
 @click.option("--threads", type=THREADS, default=None, help="onnxruntime threads.")
 @target_option(
@@ -164,10 +164,8 @@ def package(
         )
     own = {k: v for k, v in options.items() if TARGET_OPTIONS.get(k, target_name) == target_name}
     if json_file is not None:  # before the target publishes anything
-        from coatnet_export.output import check_side_file
-
         outputs = [("--output", output)] if output is not None else []
-        check_side_file(json_file, "--json", [export_dir, *package_inputs(own)], outputs)
+        check_json_path(json_file, [export_dir, *package_inputs(own)], outputs)
     request = PackageOptions(
         target=target_name, export_dir=export_dir, output=output, force=force, options=own
     )
@@ -181,6 +179,10 @@ def package_inputs(options: dict[str, Any]) -> list[Path]:
 
 def show(outcome: PackageOutcome, json_file: Path | None) -> None:
     """Print the outcome's table, files and notes; write them as JSON when asked."""
+    if json_file is not None:
+        write_json_to(json_file, outcome.as_dict())
+        if str(json_file) == "-":
+            return
     rows = outcome.rows()
     if rows:
         columns = list(dict.fromkeys(key for row in rows for key in row))
@@ -189,6 +191,3 @@ def show(outcome: PackageOutcome, json_file: Path | None) -> None:
         click.echo(f"wrote {path}")
     for note in outcome.notes:
         click.echo(f"note: {note}")
-    if json_file is not None:
-        with writing(json_file, "--json"):
-            write_json(json_file, outcome.as_dict())

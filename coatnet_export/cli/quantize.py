@@ -11,6 +11,7 @@ from coatnet_export.cli.options import (
     THREADS,
     FloatListType,
     SizeType,
+    check_json_path,
     img_size_option,
     json_option,
     quant_options_from,
@@ -107,8 +108,6 @@ def quantize(
         latency_runs=latency_runs,
         runtime=runtime,
     )
-    if json_path is not None and str(json_path) != "-":
-        from coatnet_export.output import check_side_file
-
-        check_side_file(json_path, "--json", [target, *filter(None, [kw["calibration_data"]])])
+    if json_path is not None:
+        check_json_path(json_path, [target, *filter(None, [kw["calibration_data"]])])
     quantize_and_show(options, Progress(enabled=not quiet), json_path)
