@@ -355,7 +355,13 @@ def plan_bench(options: BenchOptions, workdir: Path, progress: Progress) -> Benc
     from coatnet_export.describe import resolve_model_path
     from coatnet_export.errors import InputError
     from coatnet_export.export.pipeline import ExportOptions, run_export
-    from models import VariantSpec, get_variant, init_weights, materialize, variant_cost
+    from models import (
+        architecture_from_dict,
+        get_variant,
+        init_weights,
+        materialize,
+        variant_cost,
+    )
 
     variant, img_size, largest_batch = options.variant, options.img_size, max(options.batches)
     settings = len(options.thread_counts) * len(options.batches)
@@ -385,7 +391,7 @@ def plan_bench(options: BenchOptions, workdir: Path, progress: Progress) -> Benc
     described = [(path, *describe_onnx(path)) for path in paths]
     metadata = next((m for _, _, m in described if m), None)
     if architecture is None and metadata is not None:
-        architecture = VariantSpec.from_dict(metadata.architecture)
+        architecture = architecture_from_dict(metadata.architecture)
     if architecture is None:
         raise InputError("the models carry no coatnet-export metadata: pass --variant")
     size = img_size or (tuple(metadata.img_size) if metadata else (224, 224))

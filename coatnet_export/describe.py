@@ -23,7 +23,7 @@ from coatnet_export.layout import (
     data_name,
 )
 from coatnet_export.metadata import PRODUCER, ExportMetadata
-from coatnet_export.preprocess import INTERPOLATIONS
+from coatnet_export.preprocess import CROP_MODES, INTERPOLATIONS
 
 
 def resolve_model_path(path: Path, name: str = MODEL_FILE) -> Path:
@@ -167,6 +167,7 @@ def metadata_problems(m: ExportMetadata) -> list[str]:
         "crop_pct must be in (0, 1]": _finite_numbers([m.crop_pct]) and 0 < m.crop_pct <= 1,
         f"interpolation must be one of {', '.join(INTERPOLATIONS)}": m.interpolation
         in INTERPOLATIONS,
+        f"crop_mode must be one of {', '.join(CROP_MODES)}": m.crop_mode in CROP_MODES,
         "batch must be 'dynamic' or a positive integer": m.batch == "dynamic"
         or (str(m.batch).isdigit() and int(m.batch) > 0),
         "seed must be an integer in [0, 2**32)": m.seed is None

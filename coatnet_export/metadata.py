@@ -41,6 +41,8 @@ class ExportMetadata:
     labels: list[str] | None = None
     attention: str = "matmul"
     """How attention is in the graph: "fused" (ONNX Attention nodes) or "matmul"."""
+    crop_mode: str = "center"
+    """center or squash (see Preprocessing); exports made before it was recorded: center."""
     quantization: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -54,6 +56,7 @@ class ExportMetadata:
             tuple(self.std),
             self.crop_pct,
             self.interpolation,
+            self.crop_mode,
         )
 
     def to_props(self) -> dict[str, str]:

@@ -25,15 +25,20 @@ INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
     "lanczos": Image.Resampling.LANCZOS,
 }
+CROP_MODES = ("center", "squash")
+"""center: scale keeping the aspect ratio to cover ``size / crop_pct``, centre crop; squash:
+scale each axis to ``size / crop_pct`` (the aspect ratio changes), centre crop (timm's)."""
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How an image becomes a model input: resize to cover, centre crop, scale, normalise.
+    """How an image becomes a model input: resize, centre crop, scale, normalise.
 
-    The image is scaled (keeping its aspect ratio) until it covers ``size / crop_pct``, centre
-    cropped to ``size``, converted to floats in [0, 1], then normalised by ``mean``/``std``.
+    ``center``: the image is scaled (keeping its aspect ratio) until it covers
+    ``size / crop_pct``; ``squash``: each axis is scaled to ``floor(size / crop_pct)`` (the
+    aspect ratio changes, as timm's ``squash``). Then it is centre cropped to ``size``,
+    converted to floats in [0, 1], and normalised by ``mean``/``std``.
     """
 
     size: tuple[int, int]
@@ -41,6 +46,7 @@ class Preprocessing:
     std: tuple[float, ...] = IMAGENET_STD
     crop_pct: float = 0.875
     interpolation: str = "bicubic"
+    crop_mode: str = "center"
 
     def __post_init__(self) -> None:
         if len(self.mean) != len(self.std):
@@ -54,6 +60,10 @@ class Preprocessing:
                 f"interpolation must be one of {', '.join(INTERPOLATIONS)}, "
                 f"got {self.interpolation!r}"
             )
+        if self.crop_mode not in CROP_MODES:
+            raise ValueError(
+                f"crop_mode must be one of {', '.join(CROP_MODES)}, got {self.crop_mode!r}"
+            )
 
     @property
     def channels(self) -> int:
@@ -62,15 +72,24 @@ class Preprocessing:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def resized_size(self, image_height: int, image_width: int) -> tuple[int, int]:
+        """(height, width) the image is resized to before the centre crop."""
+        height, width = self.size
+        if self.crop_mode == "squash":
+            return math.floor(height / self.crop_pct), math.floor(width / self.crop_pct)
+        scale = max(height / self.crop_pct / image_height, width / self.crop_pct / image_width)
+        return (
+            max(height, math.ceil(image_height * scale - 1e-6)),
+            max(width, math.ceil(image_width * scale - 1e-6)),
+        )
+
     def __call__(self, image: Image.Image) -> np.ndarray:
         """A (channels, height, width) float32 array for one decoded image."""
         import numpy as np
 
         image = image.convert("L" if self.channels == 1 else "RGB")
         height, width = self.size
-        scale = max(height / self.crop_pct / image.height, width / self.crop_pct / image.width)
-        resized_w = max(width, math.ceil(image.width * scale - 1e-6))
-        resized_h = max(height, math.ceil(image.height * scale - 1e-6))
+        resized_h, resized_w = self.resized_size(image.height, image.width)
         image = image.resize((resized_w, resized_h), INTERPOLATIONS[self.interpolation])
         left, top = (resized_w - width) // 2, (resized_h - height) // 2
         image = image.crop((left, top, left + width, top + height))

@@ -11,6 +11,7 @@ from coatnet_export.describe import load_proto, metadata_of, resolve_model_path
 from coatnet_export.errors import InputError
 from coatnet_export.metadata import ExportMetadata
 from coatnet_export.sources.checkpoint import read_checkpoint
+from coatnet_export.sources.hub import weights_file
 from coatnet_export.sources.model_source import (
     ModelSpec,
     load_reference,
@@ -27,7 +28,7 @@ from coatnet_export.validate import (
     nothing_to_validate,
     validate_onnx,
 )
-from models import Numerics, VariantSpec
+from models import Numerics, TimmSpec, VariantSpec, architecture_from_dict
 
 LARGE_BATCH = 4
 """The batch of random inputs that exercises a dynamic batch axis."""
@@ -35,10 +36,10 @@ LARGE_BATCH = 4
 
 def recorded_architecture(
     model_path: Path, metadata: ExportMetadata
-) -> tuple[VariantSpec, Numerics]:
+) -> tuple[VariantSpec | TimmSpec, Numerics]:
     """The architecture and numerics the metadata records; damaged ones are an InputError."""
     try:
-        return VariantSpec.from_dict(metadata.architecture), Numerics(**metadata.numerics)
+        return architecture_from_dict(metadata.architecture), Numerics(**metadata.numerics)
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(
             f"{model_path}: its coatnet-export metadata is damaged: the architecture or "
@@ -113,7 +114,7 @@ def run_validate(options: ValidateOptions, progress: Progress) -> ValidateOutcom
         )
         state_dict = None
     else:
-        source = read_checkpoint(checkpoint, metadata.checkpoint_format or "auto")
+        source = read_checkpoint(weights_file(checkpoint), metadata.checkpoint_format or "auto")
         spec, state_dict = plan_model(
             architecture, source, img_size, metadata.in_channels, metadata.num_classes
         )

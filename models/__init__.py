@@ -1,4 +1,5 @@
-"""PyTorch reference CoAtNet: the model, its eight named variants and weight initialisation.
+"""PyTorch reference CoAtNets: lucid's model and its eight variants, timm's CoAtNet family,
+and weight initialisation.
 
 The configuration, the variant registry and the cost arithmetic are plain Python and load at
 once; the names that need torch (the model, initialisation, the flop counter) load it on first
@@ -12,10 +13,13 @@ from typing import TYPE_CHECKING
 
 from models.config import DIM_HEAD, ConfigError, Numerics, Tandem
 from models.cost import Cost, variant_cost
+from models.timm_config import TIMM_VARIANTS, TimmSpec
 from models.variants import (
+    FAMILIES,
     VARIANTS,
     UnknownVariantError,
     VariantSpec,
+    architecture_from_dict,
     build_variant,
     coatnet_0,
     coatnet_1,
@@ -33,6 +37,7 @@ if TYPE_CHECKING:
     from models.coatnet import CoAtNet, RelativeAttention
     from models.init import init_weights, materialize, refresh_derived_buffers
     from models.profile import count_macs, count_parameters
+    from models.timm_coatnet import TimmCoAtNet
 
 _NEEDS_TORCH = {
     "CoAtNet": "models.coatnet",
@@ -42,6 +47,7 @@ _NEEDS_TORCH = {
     "refresh_derived_buffers": "models.init",
     "count_macs": "models.profile",
     "count_parameters": "models.profile",
+    "TimmCoAtNet": "models.timm_coatnet",
 }
 
 
@@ -56,6 +62,8 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "DIM_HEAD",
+    "FAMILIES",
+    "TIMM_VARIANTS",
     "VARIANTS",
     "CoAtNet",
     "ConfigError",
@@ -63,8 +71,11 @@ __all__ = [
     "Numerics",
     "RelativeAttention",
     "Tandem",
+    "TimmCoAtNet",
+    "TimmSpec",
     "UnknownVariantError",
     "VariantSpec",
+    "architecture_from_dict",
     "build_variant",
     "coatnet_0",
     "coatnet_1",

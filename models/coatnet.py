@@ -120,8 +120,36 @@ def relative_index(height: int, width: int) -> Tensor:
     return d_row * (2 * width - 1) + d_col
 
 
+def bake(module: nn.Module, table: Tensor, index: Tensor | None, bias: Tensor) -> Tensor:
+    """Register an attention block's constant bias: the (1, heads, N, N) ``bias``, or with a
+    shared ``index`` the (1, heads, T) transposed ``table`` (T, heads) it gathers from."""
+    if index is None:
+        baked = bias[None].clone().contiguous()
+        module.register_buffer("baked_bias", baked, persistent=False)
+        return baked
+    compact = table.t()[None].contiguous()
+    module.register_buffer("baked_table", compact, persistent=False)
+    module.register_buffer("baked_index", index, persistent=False)
+    return compact
+
+
+def baked_or(module: nn.Module, compute) -> Tensor:
+    """The (1, heads, N, N) bias of a block: baked, gathered (one Gather on axis 2) from its
+    baked table with the shared index, or ``compute()`` before baking."""
+    if module.baked_bias is not None:
+        return module.baked_bias
+    if module.baked_table is not None:
+        n = module.num_tokens
+        gathered = module.baked_table.index_select(2, module.baked_index)
+        return gathered.reshape(1, module.num_heads, n, n)
+    return compute()
+
+
 class RelativeAttention(nn.Module):
     """Global multi-head self-attention with a learned relative position bias."""
+
+    QKV = "to_qkv"
+    """The query-key-value projection's attribute (the export splits it in three)."""
 
     def __init__(
         self,
@@ -143,6 +171,7 @@ class RelativeAttention(nn.Module):
         )
         self.reset_index()
         self.register_buffer("baked_bias", None, persistent=False)
+        self.register_buffer("baked_table", None, persistent=False)
         self.onnx_attention = False
         """Compute attention as one ONNX ``Attention`` operator (set for export at opset 23 by
         ``coatnet_export``); eager training and inference keep the matrix products."""
@@ -160,12 +189,20 @@ class RelativeAttention(nn.Module):
         gathered = self.relative_bias_table[self.relative_index.reshape(-1)]
         return gathered.reshape(n, n, self.num_heads).permute(2, 0, 1)
 
-    def bake_bias(self) -> Tensor:
-        """Freeze the bias for this resolution into a constant (1, heads, N, N) buffer (for
-        export) and return it; the leading 1 spares the graph an Unsqueeze."""
-        baked = self.relative_bias().detach()[None].clone().contiguous()
-        self.register_buffer("baked_bias", baked, persistent=False)
-        return baked
+    def relative_bias_index(self) -> Tensor:
+        """The (N, N) row of the table that each (query, key) pair reads."""
+        return self.relative_index
+
+    def bake_bias(self, index: Tensor | None = None) -> Tensor:
+        """Freeze the bias for this resolution into constants (for export) and return them:
+        the (1, heads, N, N) bias (the leading 1 spares the graph an Unsqueeze), or, given a
+        shared (N*N,) ``index``, the (1, heads, T) table it gathers in the graph."""
+        table = self.relative_bias_table.detach()
+        return bake(self, table, index, self.relative_bias().detach())
+
+    def bias(self) -> Tensor:
+        """(1, heads, N, N): baked, gathered from a baked table, or looked up."""
+        return baked_or(self, lambda: self.relative_bias()[None])
 
     @torch.no_grad()
     def fold_scale(self) -> None:
@@ -181,7 +218,7 @@ class RelativeAttention(nn.Module):
         tokens, heads = self.num_tokens, self.num_heads
         qkv = self.to_qkv(x).reshape(-1, tokens, 3, heads, DIM_HEAD).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        bias = self.baked_bias if self.baked_bias is not None else self.relative_bias()
+        bias = self.bias()
         scores = q @ k.transpose(-2, -1)
         if self.scale != 1.0:
             scores = scores * self.scale
@@ -195,7 +232,7 @@ class RelativeAttention(nn.Module):
         graph has no reshapes or transposes around it."""
         qkv = self.to_qkv(x)  # a projection split for export returns the three parts
         q, k, v = qkv if isinstance(qkv, tuple) else qkv.chunk(3, dim=-1)
-        bias = self.baked_bias if self.baked_bias is not None else self.relative_bias()[None]
+        bias = self.bias()
         out, *_ = torch.onnx.ops.attention(
             q,
             k,

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from models.config import DIM_HEAD, STAGE_STRIDES, check_config
+from models.timm_config import TimmSpec, make_divisible
 from models.variants import VariantSpec
 
 
@@ -110,8 +111,97 @@ def stage(
     return total
 
 
+def timm_mbconv(spec: TimmSpec, c_in: int, c_out: int, stride: int, pixels: int) -> Cost:
+    """timm's MbConvBlock with ``pixels`` output positions."""
+    cfg = spec.conv
+    mid = make_divisible(4 * (c_out if cfg.expand_output else c_in))
+    squeezed = int(cfg.se_ratio * (c_out if cfg.expand_output else mid))
+    strided_1x1 = stride == 2 and not cfg.stride_in_pool  # conv1_1x1 runs before the stride
+    cost = (
+        norm(c_in)
+        + conv(c_in, mid, 1, pixels * (4 if strided_1x1 else 1))
+        + norm(mid)
+        + conv(mid, mid, 3, pixels, groups=mid)
+        + conv(mid, squeezed, 1, 1, bias=True)
+        + conv(squeezed, mid, 1, 1, bias=True)
+        + norm(mid)
+        + conv(mid, c_out, 1, pixels, bias=cfg.output_bias)
+    )
+    if stride == 2 and c_in != c_out:
+        cost += conv(c_in, c_out, 1, pixels, bias=cfg.output_bias)
+    return cost
+
+
+def timm_convnext(spec: TimmSpec, c_in: int, c_out: int, stride: int, pixels: int) -> Cost:
+    """timm's ConvNeXtBlock (coatnext) with ``pixels`` output positions."""
+    bias = spec.conv.output_bias
+    cost = (
+        conv(c_in, c_out, 7, pixels, groups=c_in, bias=bias)
+        + norm(c_out)
+        + linear(c_out, 4 * c_out, pixels, bias)
+        + linear(4 * c_out, c_out, pixels, bias)
+        + Cost(c_out if spec.conv.layer_scale else 0, 0)
+    )
+    if c_in != c_out:
+        cost += conv(c_in, c_out, 1, pixels, bias=bias if stride == 1 else True)
+    return cost
+
+
+def timm_transformer(
+    spec: TimmSpec, c_in: int, c_out: int, stride: int, size: tuple[int, int]
+) -> Cost:
+    """timm's TransformerBlock2d on a ``size`` map (after its pool)."""
+    cfg = spec.transformer
+    heads = spec.attention_heads(c_in, c_out)
+    tokens, inner = size[0] * size[1], spec.attention_heads(c_in, c_out) * DIM_HEAD
+    offsets = (2 * size[0] - 1) * (2 * size[1] - 1)
+    if cfg.rel_pos_mlp:
+        rel_pos = linear(2, cfg.rel_pos_mlp, offsets) + linear(cfg.rel_pos_mlp, heads, offsets)
+    else:
+        rel_pos = Cost(offsets * heads, 0)
+    scales = Cost(2 * c_out if cfg.layer_scale else 0, 0)
+    cost = (
+        norm(c_in)
+        + linear(c_in, 3 * inner, tokens)
+        + rel_pos
+        + Cost(0, 2 * heads * tokens * tokens * DIM_HEAD)
+        + linear(inner, c_out, tokens)
+        + norm(c_out)
+        + linear(c_out, 4 * c_out, tokens)
+        + linear(4 * c_out, c_out, tokens)
+        + scales
+    )
+    if stride == 2 and c_in != c_out:
+        cost += conv(c_in, c_out, 1, tokens, bias=cfg.shortcut_bias)
+    return cost
+
+
+def timm_cost(spec: TimmSpec, img_size: Sequence[int], num_classes: int, in_channels: int) -> Cost:
+    """Parameters and multiply-accumulates of a timm CoAtNet (no torch)."""
+    spec.check_size(img_size)
+    first, second = spec.stem_width
+    pixels = (img_size[0] // 2) * (img_size[1] // 2)
+    total = conv(in_channels, first, 3, pixels) + norm(first) + conv(first, second, 3, pixels)
+    c_in = second
+    for stage, c_out in enumerate(spec.embed_dim):
+        size = (img_size[0] // 2 ** (stage + 2), img_size[1] // 2 ** (stage + 2))
+        for j, kind in enumerate(spec.stage_blocks(stage)):
+            stride = 2 if j == 0 else 1
+            if kind == "T":
+                total += timm_transformer(spec, c_in, c_out, stride, size)
+            elif spec.conv.convnext:
+                total += timm_convnext(spec, c_in, c_out, stride, size[0] * size[1])
+            else:
+                total += timm_mbconv(spec, c_in, c_out, stride, size[0] * size[1])
+            c_in = c_out
+    total += norm(c_in)
+    if spec.head_hidden:
+        return total + linear(c_in, spec.head_hidden, 1) + linear(spec.head_hidden, num_classes, 1)
+    return total + linear(c_in, num_classes, 1)
+
+
 def variant_cost(
-    spec: VariantSpec,
+    spec: VariantSpec | TimmSpec,
     img_size: Sequence[int] = (224, 224),
     num_classes: int = 1000,
     in_channels: int = 3,
@@ -120,6 +210,8 @@ def variant_cost(
 
     Raises :class:`models.ConfigError` for a size the network cannot take.
     """
+    if isinstance(spec, TimmSpec):
+        return timm_cost(spec, img_size, num_classes, in_channels)
     check_config(
         img_size,
         in_channels,

@@ -8,31 +8,35 @@ import torch
 from torch import nn
 
 from models.coatnet import CoAtNet, RelativeAttention
+from models.timm_coatnet import LayerScale, RelPosBias, TimmCoAtNet
 
 BIAS_TABLE_STD = 0.5
 """Spread of the initial relative bias tables: large enough that a wrong index changes outputs."""
 
 
-def refresh_derived_buffers(model: CoAtNet) -> CoAtNet:
+def refresh_derived_buffers(model: CoAtNet | TimmCoAtNet) -> CoAtNet | TimmCoAtNet:
     """Recompute the buffers no checkpoint holds (the relative indices) on the weights' device."""
     for attention in model.attention_blocks():
         attention.reset_index()
     return model
 
 
-def materialize(model: CoAtNet, device: str | torch.device = "cpu") -> CoAtNet:
+def materialize(
+    model: CoAtNet | TimmCoAtNet, device: str | torch.device = "cpu"
+) -> CoAtNet | TimmCoAtNet:
     """Give a model built on the meta device real, uninitialised storage on ``device``."""
     model.to_empty(device=device)
     return refresh_derived_buffers(model)
 
 
 @torch.no_grad()
-def init_weights(model: CoAtNet, seed: int) -> CoAtNet:
+def init_weights(model: CoAtNet | TimmCoAtNet, seed: int) -> CoAtNet | TimmCoAtNet:
     """Fill every parameter and statistic deterministically from ``seed``, in place.
 
     Weights follow LeCun-normal scaling so activations stay finite through every variant.
     Nothing is trivially zero or one: BatchNorm statistics, norm affines, biases and the
-    relative bias tables are all drawn at random, so that parity checks exercise each of them.
+    relative bias tables (and timm's layer scales) are all drawn at random, so that parity
+    checks exercise each of them.
     The result depends only on ``seed`` and the architecture, not on torch's global RNG.
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -56,4 +60,8 @@ def init_weights(model: CoAtNet, seed: int) -> CoAtNet:
                 module.num_batches_tracked.zero_()
         elif isinstance(module, RelativeAttention):
             normal(module.relative_bias_table, 0.0, BIAS_TABLE_STD)
+        elif isinstance(module, RelPosBias):
+            normal(module.relative_position_bias_table, 0.0, BIAS_TABLE_STD)
+        elif isinstance(module, LayerScale):
+            normal(module.gamma, 1.0, 0.1)
     return model

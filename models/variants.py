@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from models.config import ConfigError, Numerics, Tandem
+from models.timm_config import TIMM_VARIANTS, TimmSpec, timm_spec_from_dict
 
 if TYPE_CHECKING:
     import torch
@@ -33,6 +34,7 @@ class VariantSpec:
     block_types: tuple[str, ...] = ("C", "C", "T", "T")
     lucid_parameters: int | None = None
     """Parameter count that lucid documents for this variant at 224 x 224 with 1000 classes."""
+    family = "lucid"
 
     def build(
         self,
@@ -114,19 +116,31 @@ VARIANTS: dict[str, VariantSpec] = {
 }  # fmt: skip
 
 
+FAMILIES: dict[str, dict[str, VariantSpec | TimmSpec]] = {"lucid": VARIANTS, "timm": TIMM_VARIANTS}
+"""Every registered architecture by family: lucid's CoAtNet and timm's CoAtNet family."""
+
+
 def variant_names() -> list[str]:
-    """Names of the registered variants, in order."""
-    return list(VARIANTS)
+    """Names of the registered variants of every family, in order."""
+    return [name for family in FAMILIES.values() for name in family]
 
 
-def get_variant(name: str) -> VariantSpec:
-    """The spec of a variant; raises :class:`UnknownVariantError` listing the valid names."""
-    try:
-        return VARIANTS[name]
-    except KeyError:
-        raise UnknownVariantError(
-            f"unknown variant {name!r}; valid variants: {', '.join(VARIANTS)}"
-        ) from None
+def get_variant(name: str) -> VariantSpec | TimmSpec:
+    """The spec of a variant of any family; raises :class:`UnknownVariantError` listing the
+    valid names."""
+    for family in FAMILIES.values():
+        if name in family:
+            return family[name]
+    raise UnknownVariantError(
+        f"unknown variant {name!r}; valid variants: {', '.join(variant_names())}"
+    )
+
+
+def architecture_from_dict(data: dict) -> VariantSpec | TimmSpec:
+    """The architecture an export's metadata records (``as_dict`` of either family)."""
+    if data.get("family") == "timm":
+        return timm_spec_from_dict(data)
+    return VariantSpec.from_dict(data)
 
 
 def build_variant(

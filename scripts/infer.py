@@ -8,10 +8,10 @@ Needs nothing but ``pip install onnxruntime numpy pillow`` and this file: no tor
     python infer.py deploy/c0 photos/ --runtime openvino   # also needs: pip install openvino
 
 OpenVINO is imported only with ``--runtime openvino`` (f32 unless ``--precision bf16``); it
-cannot run e2e models (its CPU plugin ignores the antialiasing of their Resize).
+cannot run e2e models (its CPU plugin computes their preprocessing in single precision).
 
-Preprocessing (size, mean, std, crop, interpolation) and class names come from the model's
-metadata; for a model without it, give --size H W (and --mean/--std if not ImageNet's).
+Preprocessing (size, mean, std, crop, interpolation, crop mode) and class names come from the
+model's metadata; for a model without it, give --size H W (and --mean/--std if not ImageNet's).
 An e2e model (``coatnet-export package DIR --target e2e``: uint8 RGB [1, H, W, 3] in) gets the
 decoded pixels as they are, one image at a time: its preprocessing is inside the graph.
 Exit codes: 0 ok, 1 no usable image, 2 bad arguments or model.
@@ -40,6 +40,7 @@ INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
     "lanczos": Image.Resampling.LANCZOS,
 }
+CROP_MODES = ("center", "squash")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 
@@ -51,18 +52,30 @@ class Preprocessing:
     std: tuple[float, ...] = IMAGENET_STD
     crop_pct: float = 0.875
     interpolation: str = "bicubic"
+    crop_mode: str = "center"
+    """center: keep the aspect ratio, cover size / crop_pct; squash: each axis to
+    floor(size / crop_pct). Then a centre crop to size."""
 
     @property
     def channels(self) -> int:
         return len(self.mean)
 
+    def resized_size(self, image_height: int, image_width: int) -> tuple[int, int]:
+        """(height, width) the image is resized to before the centre crop."""
+        height, width = self.size
+        if self.crop_mode == "squash":
+            return math.floor(height / self.crop_pct), math.floor(width / self.crop_pct)
+        scale = max(height / self.crop_pct / image_height, width / self.crop_pct / image_width)
+        return (
+            max(height, math.ceil(image_height * scale - 1e-6)),
+            max(width, math.ceil(image_width * scale - 1e-6)),
+        )
+
     def __call__(self, image: Image.Image) -> np.ndarray:
         """A (channels, height, width) float32 array for one decoded image."""
         image = image.convert("L" if self.channels == 1 else "RGB")
         height, width = self.size
-        scale = max(height / self.crop_pct / image.height, width / self.crop_pct / image.width)
-        resized_w = max(width, math.ceil(image.width * scale - 1e-6))
-        resized_h = max(height, math.ceil(image.height * scale - 1e-6))
+        resized_h, resized_w = self.resized_size(image.height, image.width)
         image = image.resize((resized_w, resized_h), INTERPOLATIONS[self.interpolation])
         left, top = (resized_w - width) // 2, (resized_h - height) // 2
         image = image.crop((left, top, left + width, top + height))
@@ -202,8 +215,9 @@ class OpenVinoSession:
         self.inputs, self.outputs = map(self.node_args, (model.inputs, model.outputs))
         if self.inputs and is_e2e(self.inputs[0]):
             raise UsageError(
-                f"OpenVINO cannot run the e2e model {path}: its CPU plugin ignores the "
-                "antialiasing of the graph's Resize (use --runtime onnxruntime, or model.onnx)"
+                f"OpenVINO cannot run the e2e model {path}: its CPU plugin computes the "
+                "graph's preprocessing in single precision (use --runtime onnxruntime, or "
+                "model.onnx)"
             )
         meta = model.get_rt_info()["framework"] if model.has_rt_info("framework") else {}
         self.metadata = {key: value.astype(str) for key, value in meta.items()}
@@ -306,10 +320,22 @@ def read_settings(
     std = args.std or field("std", IMAGENET_STD)
     crop_pct = args.crop_pct or field("crop_pct", 0.875)
     interpolation = args.interpolation or (meta.get("interpolation") if ours else None) or "bicubic"
+    crop_mode = args.crop_mode or (meta.get("crop_mode") if ours else None) or "center"
     check_preprocessing(session, size, mean, std, crop_pct)
+    if interpolation not in INTERPOLATIONS or crop_mode not in CROP_MODES:
+        raise UsageError(
+            f"the model's metadata asks for interpolation {interpolation!r} and crop_mode "
+            f"{crop_mode!r}, which this script does not know (use a newer infer.py, or give "
+            "--interpolation and --crop-mode)"
+        )
     return (
         Preprocessing(
-            (int(size[0]), int(size[1])), tuple(mean), tuple(std), float(crop_pct), interpolation
+            (int(size[0]), int(size[1])),
+            tuple(mean),
+            tuple(std),
+            float(crop_pct),
+            interpolation,
+            crop_mode,
         ),
         field("labels", None),
     )
@@ -397,10 +423,11 @@ def classify(args: argparse.Namespace) -> int:
     warn_int8_target(session, args.runtime)
     model_input = session.get_inputs()[0]
     if is_e2e(model_input):
-        if args.size or args.mean or args.std or args.crop_pct or args.interpolation:
+        settings = (args.size, args.mean, args.std, args.crop_pct, args.interpolation)
+        if any(settings) or args.crop_mode:
             raise UsageError(
-                "the e2e model preprocesses in its graph: --size, --mean, --std, --crop-pct "
-                "and --interpolation do not apply"
+                "the e2e model preprocesses in its graph: --size, --mean, --std, --crop-pct, "
+                "--interpolation and --crop-mode do not apply"
             )
         convert, labels = rgb_pixels, read_labels(session)
     else:
@@ -464,6 +491,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--std", type=float, nargs="+")
     parser.add_argument("--crop-pct", type=float)
     parser.add_argument("--interpolation", choices=list(INTERPOLATIONS))
+    parser.add_argument(
+        "--crop-mode",
+        choices=CROP_MODES,
+        help="center: keep the aspect ratio and centre crop; squash: stretch to the size",
+    )
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top-k and --batch-size must be positive")

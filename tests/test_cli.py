@@ -211,8 +211,11 @@ def test_version_and_help(run_cli) -> None:
 def test_variants_lists_counts(run_cli) -> None:
     result = run_cli("variants", "--json", "-")
     rows = json.loads(result.out)
-    assert [r["variant"] for r in rows] == [f"coatnet_{i}" for i in range(8)]
+    lucid = [r["variant"] for r in rows if r["family"] == "lucid"]
+    assert lucid == [f"coatnet_{i}" for i in range(8)]
     assert rows[0]["parameters"] == 27_174_944 and rows[7]["parameters"] == 3_107_978_688
+    timm = {r["variant"]: r for r in rows if r["family"] == "timm"}
+    assert len(timm) == 22 and timm["coatnet_0_rw_224"]["parameters"] == 27_435_562
 
 
 def test_console_script_no_traceback(tmp_path: Path) -> None:

@@ -202,7 +202,7 @@ CHECKPOINT_FILES: dict[str, tuple[str, Callable[[Assets, Path], None], str]] = {
     "int safetensors": ("bad.safetensors", _int_safetensors, "int32, not float"),
     "truncated safetensors": ("bad.safetensors", _truncated_safetensors, "not a readable"),
     "garbage .lcd": ("bad.lcd", lambda a, p: p.write_bytes(b"\x80\x05junk"), "not a readable"),
-    "directory": ("dir.pt", lambda a, p: p.mkdir(), "is a directory"),
+    "directory": ("dir.pt", lambda a, p: p.mkdir(), "holds no weights"),
 }
 
 

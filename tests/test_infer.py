@@ -18,7 +18,7 @@ from coatnet_export.console import Progress
 from coatnet_export.export.pipeline import ExportOptions, run_export
 from coatnet_export.preprocess import Preprocessing
 
-from conftest import TINY
+from conftest import TINY, export_tiny
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "infer.py"
 LABELS = [f"class-{i}" for i in range(10)]
@@ -113,21 +113,59 @@ def test_json_output_matches_direct_onnxruntime(export_dir: Path, images: Path) 
         assert record["top_k"][0]["label"] == LABELS[int(np.argmax(logits))]
 
 
-def test_preprocessing_agrees_pixel_for_pixel(images: Path) -> None:
+@pytest.mark.parametrize("crop_mode", ["center", "squash"])
+def test_preprocessing_agrees_pixel_for_pixel(images: Path, crop_mode: str) -> None:
     script = load_script()
     for size in [(64, 64), (96, 160), (224, 224)]:
         for interpolation in ["bicubic", "bilinear"]:
             for crop_pct, mean, std in [
                 (0.875, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+                (0.9, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)),
                 (1.0, (0.5,), (0.25,)),
             ]:
-                ours = Preprocessing(size, mean, std, crop_pct, interpolation)
-                theirs = script.Preprocessing(size, mean, std, crop_pct, interpolation)
+                settings = (size, mean, std, crop_pct, interpolation, crop_mode)
+                ours, theirs = Preprocessing(*settings), script.Preprocessing(*settings)
                 for path in sorted(images.glob("*.png")) + sorted(images.glob("c*.jpg")):
                     with Image.open(path) as image:
                         a, b = ours(image), theirs(image)
                     assert a.shape == (len(mean), *size)
-                    assert np.array_equal(a, b), (path, size, interpolation)
+                    assert np.array_equal(a, b), (path, settings)
+
+
+def test_squash_export_is_preprocessed_as_recorded(tmp_path: Path, images: Path) -> None:
+    """infer.py reads crop_mode (and mean, std, crop, interpolation) from the metadata; an
+    export made before crop_mode was recorded is centre cropped; --crop-mode overrides."""
+    settings = {"mean": (0.3, 0.4, 0.5), "std": (0.2, 0.3, 0.25), "crop_pct": 0.9}
+    out = export_tiny(tmp_path / "squash", crop_mode="squash", interpolation="bilinear", **settings)
+    session = ort.InferenceSession(str(out / "model.onnx"))
+
+    def expected(crop_mode: str) -> dict[str, float]:
+        pre = Preprocessing((64, 64), interpolation="bilinear", crop_mode=crop_mode, **settings)
+        top = {}
+        for path in [images / "china.jpg", images / "noise.png"]:
+            with Image.open(path) as image:
+                logits = session.run(None, {"input": pre(image)[None]})[0][0]
+            probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+            top[path.name] = float(probs.max())
+        return top
+
+    def probabilities(model: Path, *options: str) -> dict[str, float]:
+        args = (images / "china.jpg", images / "noise.png", "--json", *options)
+        result = run_without_torch(model, *args)
+        assert result.returncode == 0, result.stderr
+        records = [json.loads(line) for line in result.stdout.splitlines()]
+        return {Path(r["image"]).name: r["top_k"][0]["probability"] for r in records}
+
+    squashed, centred = expected("squash"), expected("center")
+    assert abs(squashed["china.jpg"] - centred["china.jpg"]) > 1e-6  # the mode matters
+    assert probabilities(out) == pytest.approx(squashed, abs=1e-6)
+    assert probabilities(out, "--crop-mode", "center") == pytest.approx(centred, abs=1e-6)
+    model = onnx.load(str(out / "model.onnx"))
+    kept = [p for p in model.metadata_props if p.key != "crop_mode"]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    onnx.save(model, tmp_path / "old.onnx")
+    assert probabilities(tmp_path / "old.onnx") == pytest.approx(centred, abs=1e-6)
 
 
 def test_fixed_batch_model_pads_the_last_batch(tmp_path: Path, images: Path) -> None:

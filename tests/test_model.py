@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from models import (
+    TIMM_VARIANTS,
     VARIANTS,
     CoAtNet,
     ConfigError,
@@ -50,15 +51,17 @@ def seeded(model: CoAtNet, seed: int = 0) -> CoAtNet:
     return init_weights(model, seed).eval()
 
 
-@pytest.mark.parametrize("name", variant_names())
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_parameter_count_equals_lucid_without_allocating(name: str) -> None:
     model = build_variant(name, device="meta")
     assert all(p.is_meta for p in model.parameters())
     assert count_parameters(model) == VARIANTS[name].lucid_parameters
 
 
-def test_registry_lists_eight_variants_and_rejects_unknown() -> None:
-    assert variant_names() == [f"coatnet_{i}" for i in range(8)]
+def test_registry_lists_both_families_and_rejects_unknown() -> None:
+    assert list(VARIANTS) == [f"coatnet_{i}" for i in range(8)]
+    assert variant_names() == list(VARIANTS) + list(TIMM_VARIANTS)
+    assert len(TIMM_VARIANTS) == 22
     with pytest.raises(UnknownVariantError, match=r"coatnet_0, coatnet_1.*coatnet_7"):
         get_variant("coatnet_8")
 

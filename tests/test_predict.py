@@ -8,8 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from PIL import Image
+
+from coatnet_export.preprocess import Preprocessing, open_image
 
 from conftest import TINY_LABELS
 from conftest import export_tiny as export
@@ -193,3 +196,32 @@ def test_bad_requests(tiny: Path, images: Path, tmp_path: Path, run_cli) -> None
     result = run_cli("predict", bare, images, "--output", out)
     assert result.code == 2 and "metadata" in result.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bare.onnx"]
+
+
+def test_squash_export_rows_equal_infer_and_the_recorded_preprocessing(
+    images: Path, tmp_path: Path, run_cli
+) -> None:
+    """crop_mode squash, non-default mean, std, crop and interpolation: predict computes what
+    infer.py computes, and both are the recorded Preprocessing (not the centre crop)."""
+    settings = {"mean": (0.3, 0.4, 0.5), "std": (0.2, 0.3, 0.25), "crop_pct": 0.9}
+    model = export(
+        tmp_path / "squash", crop_mode="squash", interpolation="bilinear", seed=2, **settings
+    )
+    out = tmp_path / "preds.parquet"
+    photos = images / "photos"
+    result = run_cli("predict", model, photos, "--output", out, "--workers", "1", "--top-k", "10")
+    assert result.code == 0, result.err
+    rows = read_rows(out)
+    assert_rows_equal_infer(rows, infer_top_k(model, [photos], 10))
+    session = ort.InferenceSession(str(model / "model.onnx"))
+    moved = 0
+    for crop_mode in ("squash", "center"):
+        pre = Preprocessing((64, 64), interpolation="bilinear", crop_mode=crop_mode, **settings)
+        for path, row in rows.items():
+            logits = session.run(None, {"input": pre(open_image(Path(path)))[None]})[0][0]
+            probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+            found = np.asarray(row["top_k_probabilities"])
+            close = np.allclose(probs[row["top_k_indices"]], found, atol=1e-5)
+            assert close or crop_mode == "center", path
+            moved += not close
+    assert moved >= 3  # the wide, tall and small photos change with the crop mode

@@ -140,7 +140,7 @@ def test_int8_matches_onnxruntime(digits, held_out, batch: int) -> None:
 
 @needs_openvino
 def test_e2e_model_is_refused_with_the_reason(digits) -> None:
-    with pytest.raises(InputError, match=r"cannot run the e2e model .* antialias"):
+    with pytest.raises(InputError, match=r"cannot run the e2e model .* single precision"):
         load_model(digits["export"] / "model.e2e.onnx", "openvino")
 
 

@@ -29,6 +29,8 @@ from coatnet_export.errors import InputError
 from coatnet_export.targets import PackageOptions
 from coatnet_export.targets.web import ORT_FILES, build, write_site
 
+from conftest import TINY_LABELS, export_tiny
+
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "digits"
 BROWSER = ROOT / "tests" / "browser"
@@ -107,8 +109,13 @@ def photos(folder: Path, test: np.ndarray) -> list[Path]:
 
 def infer_probabilities(model: Path, images: list[Path]) -> dict[str, np.ndarray]:
     """Every class's probability per image, from scripts/infer.py --json on ``model``."""
+    return infer_probabilities_with(model, images)
+
+
+def infer_probabilities_with(model: Path, images: list[Path], *options: str) -> dict:
+    """:func:`infer_probabilities` with infer.py's ``options``."""
     command = [sys.executable, str(ROOT / "scripts" / "infer.py"), str(model)]
-    command += [*map(str, images), "--json", "--top-k", "1000"]
+    command += [*map(str, images), "--json", "--top-k", "1000", *options]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=True)
     probabilities = {}
     for line in result.stdout.splitlines():
@@ -303,3 +310,65 @@ def test_package_target_builds_the_site_into_output(exports, tmp_path: Path) -> 
     ]
     assert any(cdn in note for note in result.notes)
     assert json.loads((site / "config.json").read_text())["default"] == "fp32"
+
+
+@pytest.fixture(scope="module")
+def squashed(tmp_path_factory) -> dict[str, Path | list[Path]]:
+    """A seeded TINY export recorded with timm's squash, non-default mean, std, crop and
+    interpolation, packaged as an e2e model; and photos of several shapes."""
+    from sklearn.datasets import load_sample_images
+
+    root = tmp_path_factory.mktemp("squash")
+    export = export_tiny(root / "export", seed=2, **SQUASH)
+    coatnet_export("package", export, "--target", "e2e")
+    china, flower = (Image.fromarray(a) for a in load_sample_images().images)
+    images = []
+    for name, image in [
+        ("wide.jpg", china.crop((0, 0, 400, 90))),
+        ("tall.png", flower.crop((200, 0, 260, 420))),
+        ("small.png", flower.resize((37, 23), Image.Resampling.BICUBIC)),
+        ("photo.jpg", china),
+    ]:
+        images.append(root / name)
+        image.save(images[-1])
+    return {"export": export, "images": images}
+
+
+SQUASH = {
+    "crop_mode": "squash",
+    "crop_pct": 0.9,
+    "mean": (0.3, 0.4, 0.5),
+    "std": (0.2, 0.3, 0.25),
+    "interpolation": "bilinear",
+}
+
+
+@needs_browser
+@pytest.mark.browser
+def test_page_preprocesses_a_squash_export_as_infer_does(squashed, tmp_path: Path) -> None:
+    """The page's probabilities are infer.py's on model.onnx with Pillow and the recorded
+    squash (the e2e graph computes Pillow's pixels), not those of a centre crop."""
+    site = tmp_path / "site"
+    write_site(squashed["export"], site)
+    images = squashed["images"]
+    with serve(site, isolated=True) as url:
+        report = drive(
+            {"url": url, "steps": [{"model": "fp32", "images": list(map(str, images))}]}, tmp_path
+        )
+    model = squashed["export"] / "model.onnx"
+    reference = infer_probabilities(model, images)
+    centred = infer_probabilities_with(model, images, "--crop-mode", "center")
+    assert [Path(r["image"]).name for r in report["results"]] == [p.name for p in images]
+    moved = 0
+    for run in report["results"]:
+        name = Path(run["image"]).name
+        expected, other = reference[name], centred[name]
+        assert run["state"] == "done" and len(run["top"]) == 5, run
+        for entry in run["top"]:
+            assert entry["label"] == TINY_LABELS[entry["index"]]
+            assert abs(entry["probability"] - expected[entry["index"]]) < 1e-4, run
+            moved += abs(entry["probability"] - other[entry["index"]]) > 1e-3
+    assert moved > 0  # a centre crop would have shown other probabilities
+    assert report["consoleErrors"] == []
+    config = json.loads((site / "config.json").read_text())
+    assert config["metadata"]["crop_mode"] == "squash"

@@ -21,7 +21,7 @@ from coatnet_export.console import Progress, render_table
 from coatnet_export.errors import GateFailed, InputError
 from coatnet_export.export.onnx_export import ATTENTION_GRAPHS, EXPORTERS
 from coatnet_export.gates import RESULT_COLUMNS, Gates
-from coatnet_export.preprocess import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
+from coatnet_export.preprocess import CROP_MODES, IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS
 from coatnet_export.sources import CHECKPOINT_FORMATS
 from models import get_variant
 
@@ -35,8 +35,9 @@ from models import get_variant
 @click.option(
     "--checkpoint",
     type=click.Path(path_type=Path),
-    help="State dict: .pt/.pth (loaded with weights_only=True), .safetensors, or a "
-    "lucid .lcd. Without it, seeded random weights are exported.",
+    help="State dict: .pt/.pth (loaded with weights_only=True), .safetensors, a lucid .lcd, "
+    "or a timm model folder from the Hugging Face hub (config.json + model.safetensors, or the "
+    "hub cache's models--timm--NAME). Without it, seeded random weights are exported.",
 )
 @click.option(
     "--checkpoint-format",
@@ -102,26 +103,30 @@ from models import get_variant
 @click.option(
     "--mean",
     type=FloatListType(),
-    default=",".join(map(str, IMAGENET_MEAN)),
-    show_default=True,
-    help="Normalisation mean per channel.",
+    help="Normalisation mean per channel [default: a timm folder's config.json, "
+    f"else {','.join(map(str, IMAGENET_MEAN))}].",
 )
 @click.option(
     "--std",
     type=FloatListType(),
-    default=",".join(map(str, IMAGENET_STD)),
-    show_default=True,
-    help="Normalisation std per channel.",
+    help="Normalisation std per channel [default: config.json's, "
+    f"else {','.join(map(str, IMAGENET_STD))}].",
 )
 @click.option(
     "--crop-pct",
     type=click.FloatRange(0, 1, min_open=True),
-    default=0.875,
-    show_default=True,
-    help="Centre-crop fraction used by preprocessing.",
+    help="Centre-crop fraction used by preprocessing [default: config.json's, else 0.875].",
 )
 @click.option(
-    "--interpolation", type=click.Choice(list(INTERPOLATIONS)), default="bicubic", show_default=True
+    "--interpolation",
+    type=click.Choice(list(INTERPOLATIONS)),
+    help="Resize filter [default: config.json's, else bicubic].",
+)
+@click.option(
+    "--crop-mode",
+    type=click.Choice(CROP_MODES),
+    help="center: keep the aspect ratio, centre crop; squash: stretch each axis to "
+    "size / crop-pct, centre crop [default: config.json's, else center].",
 )
 @click.option(
     "--validate/--no-validate",
@@ -171,6 +176,7 @@ def export(**kw) -> None:
         std=kw["std"],
         crop_pct=kw["crop_pct"],
         interpolation=kw["interpolation"],
+        crop_mode=kw["crop_mode"],
         labels=read_labels(kw["labels"]) if kw["labels"] else None,
         validate=kw["validate"],
         images=list(kw["images"]),

@@ -19,8 +19,8 @@ from coatnet_export.output import check_side_file
 @click.option(
     "--checkpoint",
     type=click.Path(path_type=Path),
-    help="The checkpoint the model was exported from (default: the seeded weights "
-    "recorded in the model).",
+    help="The checkpoint the model was exported from: a file or a timm model folder "
+    "(default: the seeded weights recorded in the model).",
 )
 @validation_inputs_options
 @gate_options

@@ -7,7 +7,7 @@ free PyTorch -> package and check -> validate in onnxruntime -> publish (or reje
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +43,10 @@ from coatnet_export.output import (
     publish,
     staging,
 )
-from coatnet_export.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from coatnet_export.preprocess import Preprocessing
 from coatnet_export.runtimes import LOW_MEMORY_BYTES
 from coatnet_export.sources.checkpoint import CheckpointFormat, StateDict, read_checkpoint
+from coatnet_export.sources.hub import HubFolder, read_hub_folder
 from coatnet_export.sources.model_source import (
     ModelSpec,
     ReferenceModel,
@@ -66,8 +67,13 @@ from coatnet_export.validate import (
     recorded_case,
     validate_onnx,
 )
-from models import VariantSpec
+from models import TIMM_VARIANTS, TimmSpec, VariantSpec
 
+PREPROCESSING_OPTIONS = ("mean", "std", "crop_pct", "interpolation", "crop_mode")
+RESIZE_DESCRIPTIONS = {
+    "center": "scale to cover img_size / crop_pct keeping aspect, then centre crop",
+    "squash": "scale each axis to floor(img_size / crop_pct) (aspect not kept), then centre crop",
+}
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 VALIDATION_FILE = "validation.json"
@@ -77,8 +83,9 @@ VALIDATION_FILE = "validation.json"
 class ExportOptions:
     """Everything the export command was asked to do."""
 
-    architecture: VariantSpec | None
-    """A named architecture; None reads it from the checkpoint."""
+    architecture: VariantSpec | TimmSpec | None
+    """A named architecture; None reads it from the checkpoint (a timm folder's config.json,
+    or the keys and shapes)."""
     output: Path | None = None
     """None: ./<variant name>."""
     img_size: tuple[int, int] | None = None
@@ -96,11 +103,15 @@ class ExportOptions:
     """None: fused (ONNX Attention) where the exporter and opset allow it, else matmul."""
     batch: int | None = None
     """None: dynamic batch axis; an integer fixes it."""
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    crop_pct: float = 0.875
-    interpolation: str = "bicubic"
+    mean: tuple[float, ...] | None = None
+    """None, as std, crop_pct, interpolation and crop_mode: the checkpoint's config.json
+    (pretrained_cfg), else Preprocessing's defaults (ImageNet, 0.875, bicubic, center)."""
+    std: tuple[float, ...] | None = None
+    crop_pct: float | None = None
+    interpolation: str | None = None
+    crop_mode: str | None = None
     labels: list[str] | None = None
+    """None: the checkpoint's config.json label names, if it has them."""
     validate: bool = True
     images: list[Path] = field(default_factory=list)
     samples: int = 3
@@ -166,13 +177,20 @@ def run_export(opts: ExportOptions, progress: Progress) -> ExportOutcome:
     ``<output>.rejected`` instead; the report (``opts.report``) is written in both cases.
     """
     inputs = input_paths(opts)
+    hub = read_hub_folder(opts.checkpoint) if opts.checkpoint and opts.checkpoint.is_dir() else None
+    opts = with_hub_config(opts, hub)
     recorded = check_request(opts, inputs)
-    checkpoint = (
-        read_checkpoint(opts.checkpoint, opts.checkpoint_format) if opts.checkpoint else None
-    )
+    weights = hub.weights if hub else opts.checkpoint
+    checkpoint = read_checkpoint(weights, opts.checkpoint_format) if weights else None
     spec, state_dict = plan_model(
-        opts.architecture, checkpoint, opts.img_size, opts.in_channels, opts.num_classes
+        opts.architecture or hub_architecture(hub),
+        checkpoint,
+        opts.img_size,
+        opts.in_channels,
+        opts.num_classes,
     )
+    opts = with_architecture_defaults(opts, spec.architecture)
+    opts = with_hub_labels(opts, hub, spec.num_classes)
     checkpoint_format = checkpoint.format if checkpoint else None
     del checkpoint
     with claim(opts.output or Path(spec.architecture.name), opts.force, inputs) as output:
@@ -187,6 +205,50 @@ def run_export(opts: ExportOptions, progress: Progress) -> ExportOutcome:
             output,
             progress,
         )
+
+
+def with_hub_config(opts: ExportOptions, hub: HubFolder | None) -> ExportOptions:
+    """Preprocessing options left unset take what a timm folder's config.json records (mean,
+    std, crop_pct, interpolation, crop_mode)."""
+    config = hub.config if hub else None
+    if config is None:
+        return opts
+    recorded = config.pretrained_cfg.preprocessing()
+    unset = {name: value for name, value in recorded.items() if getattr(opts, name) is None}
+    return replace(opts, **unset)
+
+
+def with_hub_labels(opts: ExportOptions, hub: HubFolder | None, classes: int) -> ExportOptions:
+    """Without --labels, a timm folder's class names, when they name the model's classes."""
+    labels = hub.config.labels if hub and hub.config else None
+    if opts.labels is not None or labels is None or len(labels) != classes:
+        return opts
+    return replace(opts, labels=list(labels))
+
+
+def hub_architecture(hub: HubFolder | None) -> TimmSpec | None:
+    """The timm architecture a folder's config.json names (None without one)."""
+    if hub is None or hub.config is None:
+        return None
+    name = hub.config.architecture
+    if name not in TIMM_VARIANTS:
+        raise InputError(
+            f"{hub.path / 'config.json'} names architecture {name!r}, which is not one of timm's "
+            f"CoAtNet family ({', '.join(TIMM_VARIANTS)})"
+        )
+    return TIMM_VARIANTS[name]
+
+
+def with_architecture_defaults(
+    opts: ExportOptions, architecture: VariantSpec | TimmSpec
+) -> ExportOptions:
+    """Preprocessing options still unset take the published weights' (timm's pretrained_cfg
+    defaults in the architecture table), so that a bare timm file needs no --mean/--std."""
+    if not isinstance(architecture, TimmSpec):
+        return opts
+    defaults = asdict(architecture.preprocessing)
+    unset = {name: value for name, value in defaults.items() if getattr(opts, name) is None}
+    return replace(opts, **unset)
 
 
 def input_paths(opts: ExportOptions) -> list[Path]:
@@ -214,12 +276,16 @@ def check_request(opts: ExportOptions, inputs: list[Path]) -> tuple[np.ndarray, 
 
 
 def preprocessing_for(opts: ExportOptions, size: tuple[int, int]) -> Preprocessing:
+    """The options' preprocessing at ``size``; Preprocessing's defaults for unset fields."""
+    chosen = {
+        name: tuple(value) if isinstance(value, (list, tuple)) else value
+        for name in PREPROCESSING_OPTIONS
+        if (value := getattr(opts, name)) is not None
+    }
     try:
-        return Preprocessing(
-            size, tuple(opts.mean), tuple(opts.std), opts.crop_pct, opts.interpolation
-        )
+        return Preprocessing(size, **chosen)
     except ValueError as exc:
-        raise InputError(str(exc)) from None
+        raise InputError(f"{exc} (check --mean, --std, --crop-pct and --crop-mode)") from None
 
 
 def check_model_fits(
@@ -396,7 +462,8 @@ def export_metadata(
         std=list(preprocessing.std),
         crop_pct=preprocessing.crop_pct,
         interpolation=preprocessing.interpolation,
-        resize="scale to cover img_size / crop_pct keeping aspect, then centre crop",
+        resize=RESIZE_DESCRIPTIONS[preprocessing.crop_mode],
+        crop_mode=preprocessing.crop_mode,
         exporter=opts.exporter,
         opset=opts.opset or DEFAULT_OPSET[opts.exporter],
         batch="dynamic" if opts.batch is None else str(opts.batch),

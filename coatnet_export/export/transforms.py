@@ -1,7 +1,10 @@
-"""Exact rewrites of the PyTorch model before export: constant biases, folded BatchNorm and
-attention scales, token linear layers with (in, out) weights, and the fused attention operator.
+"""Exact rewrites of the PyTorch model before export: constant biases, folded BatchNorm,
+layer scales and attention scales, token linear layers with (in, out) weights, and the fused
+attention operator. They apply to both families (lucid's CoAtNet, timm's CoAtNets) through the
+same interface on their attention blocks (``relative_bias``, ``bake_bias``, ``fold_scale``,
+``QKV``); BatchNorm and layer-scale folding know each family's blocks.
 
-The order matters: :func:`fold_attention_scales` scales the query rows of ``to_qkv``'s (out, in)
+The order matters: :func:`fold_attention_scales` scales the query rows of the qkv (out, in)
 weight, so it runs before :func:`transpose_token_linears` moves that weight to (in, out)."""
 
 from __future__ import annotations
@@ -10,16 +13,47 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from models import CoAtNet
+from models import CoAtNet, TimmCoAtNet
 from models.coatnet import PreNorm, Transformer
+from models.timm_coatnet import (
+    ConvNeXtBlock,
+    LayerScale,
+    MbConvBlock,
+    NormAct,
+    NormThenPool,
+    Pointwise,
+    Stem,
+    TokenBatchNorm,
+    TransformerBlock,
+)
+
+COMPACT_SHARE = 0.5
+"""Relative biases are baked in full unless they would add more than this share of the fp32
+weights' size; then each block keeps its small table and the graph gathers it with one index
+shared by the blocks of a stage (coatnet_rmlp_2_rw_384's full biases would double its file)."""
 
 
-def bake_relative_biases(model: CoAtNet) -> int:
-    """Replace every table lookup by its constant (heads, N, N) bias; returns the bytes added."""
-    return sum(a.bake_bias().nbytes for a in model.attention_blocks())
+def bake_relative_biases(model: CoAtNet | TimmCoAtNet) -> int:
+    """Turn every relative position (table lookup or MLP) into constants; returns the bytes
+    added: full (1, heads, N, N) biases, or tables and shared indices (see COMPACT_SHARE)."""
+    blocks = model.attention_blocks()
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    full = sum(4 * a.num_heads * a.num_tokens**2 for a in blocks)
+    if full <= COMPACT_SHARE * weights:
+        return sum(a.bake_bias().nbytes for a in blocks)
+    indices: dict[int, torch.Tensor] = {}
+    added = 0
+    for attention in blocks:
+        index = indices.get(attention.num_tokens)
+        if index is None:
+            index = attention.relative_bias_index().reshape(-1).clone()
+            indices[attention.num_tokens] = index
+            added += index.nbytes
+        added += attention.bake_bias(index).nbytes
+    return added
 
 
-def fold_attention_scales(model: CoAtNet) -> int:
+def fold_attention_scales(model: CoAtNet | TimmCoAtNet) -> int:
     """Move each attention block's score scale into its query weights; returns how many.
 
     onnxruntime fuses the scale into the fp32 MatMul anyway, but an int8 model would keep it
@@ -33,26 +67,31 @@ def fold_attention_scales(model: CoAtNet) -> int:
 
 class TransposedLinear(nn.Module):
     """``x @ weight + bias`` with the weight stored as (in, out): a linear layer on tokens
-    that exports as MatMul on the weight as it is, with no transposed copy to fold."""
+    that exports as MatMul on the weight as it is, with no transposed copy to fold (from an
+    nn.Linear, or a 1x1 convolution applied to tokens)."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear | Pointwise) -> None:
         super().__init__()
-        self.weight = nn.Parameter(linear.weight.detach().t().contiguous())
+        self.weight = nn.Parameter(linear.weight.detach().flatten(1).t().contiguous())
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is not None and x.ndim == 2:  # one Gemm with its bias
+            return torch.addmm(self.bias, x, self.weight)
         out = x @ self.weight
         return out if self.bias is None else out + self.bias
 
 
 @torch.no_grad()
-def transpose_token_linears(model: CoAtNet) -> int:
-    """Store the weights of the Transformer blocks' linear layers as (in, out); returns how many.
+def transpose_token_linears(model: CoAtNet | TimmCoAtNet) -> int:
+    """Store the weights of the linear layers on tokens as (in, out); returns how many.
 
     The exporter writes ``x W^T`` on 3-D tokens as MatMul on a transposed weight, which the
     graph optimiser folds into a non-contiguous array that is slow to save; the same product
     on a pre-transposed weight needs neither, and keeps each weight's name.
     """
+    if isinstance(model, TimmCoAtNet):
+        return _replace(model, Pointwise, TransposedLinear)
     replaced = 0
     for block in model.modules():
         if not isinstance(block, Transformer):
@@ -71,43 +110,52 @@ def transpose_token_linears(model: CoAtNet) -> int:
 
 
 class SplitProjection(nn.Module):
-    """A linear layer without bias whose output is read in equal parts (queries, keys,
-    values), as one (in, out / parts) weight per part: ``forward`` returns the parts, and the
+    """A linear layer whose output is read in equal parts (queries, keys, values), as one
+    (in, out / parts) weight (and bias) per part: ``forward`` returns the parts, and the
     export writes one MatMul per part instead of one MatMul and a Split that copies its output
     (exact; coatnet_0 fp32 about 2 % faster in onnxruntime)."""
 
     def __init__(self, linear: TransposedLinear, parts: int) -> None:
         super().__init__()
-        if linear.bias is not None:
-            raise ValueError("SplitProjection takes a linear layer without bias")
         self.parts = nn.ParameterList(
             nn.Parameter(w.contiguous()) for w in linear.weight.detach().chunk(parts, dim=1)
         )
+        biases = [] if linear.bias is None else linear.bias.detach().chunk(parts)
+        self.biases = nn.ParameterList(nn.Parameter(b.contiguous()) for b in biases)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(x @ weight for weight in self.parts)
+        if len(self.biases) == 0:
+            return tuple(x @ weight for weight in self.parts)
+        return tuple(torch.addmm(b, x, w) for w, b in zip(self.parts, self.biases, strict=True))
 
 
 @torch.no_grad()
-def use_onnx_attention(model: CoAtNet) -> int:
+def use_onnx_attention(model: CoAtNet | TimmCoAtNet) -> int:
     """Export every attention block as one ONNX ``Attention`` operator (opset 23) fed by three
-    projections; returns how many. Runs after :func:`transpose_token_linears`. The eager
-    model's arithmetic is unchanged: this selects the traced path and splits the weights."""
+    projections; returns how many. Runs after :func:`transpose_token_linears` (and, for timm,
+    :func:`fold_attention_scales`, which groups the per-head qkv channels). The eager model's
+    arithmetic is unchanged: this selects the traced path and splits the weights."""
     blocks = model.attention_blocks()
     for attention in blocks:
         attention.onnx_attention = True
-        attention.to_qkv = SplitProjection(attention.to_qkv, 3).train(attention.training)
+        projection = getattr(attention, attention.QKV)
+        split = SplitProjection(projection, 3).train(attention.training)
+        setattr(attention, attention.QKV, split)
     return len(blocks)
 
 
 @torch.no_grad()
-def fold_batchnorms(model: CoAtNet) -> int:
+def fold_batchnorms(model: CoAtNet | TimmCoAtNet) -> int:
     """Fold every eval-mode BatchNorm into an adjacent convolution; returns how many were folded.
+
+    A timm model's norms and layer scales fold as :func:`fold_timm` says.
 
     A BatchNorm right after a convolution is folded into it (torch's own fusion). The
     pre-norm BatchNorm of an MBConv block is folded into the block's first convolution, a
     1x1 without padding, where the per-channel affine on its input is exact.
     """
+    if isinstance(model, TimmCoAtNet):
+        return fold_timm(model)
     folded = 0
     for module in list(model.modules()):
         if isinstance(module, nn.Sequential):
@@ -150,3 +198,139 @@ def _fold_input_affine(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     fused.weight = nn.Parameter(weight)
     fused.bias = nn.Parameter(bias)
     return fused.train(conv.training)
+
+
+def _replace(model: nn.Module, kind: type, make) -> int:
+    """Replace every submodule of type ``kind`` by ``make(module)``; returns how many. One at a
+    time, so that each original is freed before the next copy is made."""
+    targets = [
+        (parent, name)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child) is kind
+    ]
+    for parent, name in targets:
+        child = getattr(parent, name)
+        setattr(parent, name, make(child).train(child.training))
+        del child
+    return len(targets)
+
+
+class ChannelAffine(nn.Module):
+    """``x * scale + shift`` per channel, then an activation: an eval-mode BatchNorm that no
+    convolution is next to (its input is a residual sum or a squeeze-excite product), exported
+    as Mul and Add instead of a BatchNormalization node."""
+
+    def __init__(self, norm: nn.BatchNorm2d, act: nn.Module) -> None:
+        super().__init__()
+        scale, shift = _bn_affine(norm)
+        self.register_buffer("scale", scale[:, None, None].contiguous())
+        self.register_buffer("shift", shift[:, None, None].contiguous())
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x * self.scale + self.shift)
+
+
+def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return scale, bn.bias - bn.running_mean * scale
+
+
+def _fold_into_conv(conv: nn.Conv2d, norm: NormAct) -> tuple[nn.Conv2d, nn.Module]:
+    """conv then norm-act -> (the fused convolution, the activation alone)."""
+    return fuse_conv_bn_eval(conv, norm), norm.act
+
+
+def _fold_input_norm(
+    layer: nn.Conv2d | Pointwise | nn.Linear, norm: nn.BatchNorm2d
+) -> nn.Conv2d | Pointwise | nn.Linear:
+    """layer(norm(x)) as one layer with a bias: the weight scaled over its input channels.
+
+    Exact for a 1x1 convolution or a linear layer, also across an average pool between them
+    (a per-channel affine commutes with averaging)."""
+    if isinstance(layer, nn.Conv2d) and layer.kernel_size != (1, 1):
+        raise ValueError("only a 1x1 convolution takes its input's norm")
+    scale, shift = _bn_affine(norm)
+    shape = (1, -1) + (1,) * (layer.weight.ndim - 2)
+    bias = layer.weight.flatten(1) @ shift
+    if layer.bias is not None:
+        bias = bias + layer.bias
+    layer.weight = nn.Parameter(layer.weight * scale.reshape(shape))
+    layer.bias = nn.Parameter(bias)
+    return layer
+
+
+def _fold_scale_into(layer: nn.Conv2d | Pointwise, scale: LayerScale) -> None:
+    """layer then a layer scale -> the layer's output rows scaled."""
+    gamma = scale.gamma.detach()
+    shape = (-1,) + (1,) * (layer.weight.ndim - 1)
+    layer.weight = nn.Parameter(layer.weight * gamma.reshape(shape))
+    layer.bias = nn.Parameter(layer.bias * gamma)
+
+
+@torch.no_grad()
+def fold_timm(model: TimmCoAtNet) -> int:
+    """Fold a timm model's norms and layer scales into its convolutions and linear layers;
+    returns the BatchNorms removed (folded, or left as a Mul and an Add where no layer is
+    next to them: the pre-norm with an activation, the norm after an early squeeze-excite)."""
+    stem = model.stem
+    folded = 0
+    if isinstance(stem, Stem) and isinstance(stem.norm1, NormAct):
+        stem.conv1, stem.norm1 = _fold_into_conv(stem.conv1, stem.norm1)
+        folded += 1
+    for block in model.blocks():
+        if isinstance(block, MbConvBlock):
+            folded += _fold_mbconv(block)
+        elif isinstance(block, TransformerBlock):
+            folded += _fold_transformer(block)
+        elif isinstance(block, ConvNeXtBlock) and isinstance(block.ls, LayerScale):
+            _fold_scale_into(block.mlp.fc2, block.ls)
+            block.ls = nn.Identity()
+    if isinstance(model.norm, TokenBatchNorm):  # the mean over tokens commutes with it
+        model.head.fc = _fold_input_norm(model.head.fc, model.norm)
+        model.norm = nn.Identity()
+        folded += 1
+    return folded
+
+
+def _fold_mbconv(block: MbConvBlock) -> int:
+    if isinstance(block.pre_norm.act, nn.Identity):
+        block.conv1_1x1 = _fold_input_norm(block.conv1_1x1, block.pre_norm)
+        block.pre_norm = nn.Identity()
+    else:
+        block.pre_norm = ChannelAffine(block.pre_norm, block.pre_norm.act)
+    block.conv1_1x1, block.norm1 = _fold_into_conv(block.conv1_1x1, block.norm1)
+    if block.se_early is None:
+        block.conv2_kxk, block.norm2 = _fold_into_conv(block.conv2_kxk, block.norm2)
+    else:
+        block.norm2 = ChannelAffine(block.norm2, block.norm2.act)
+    return 3
+
+
+def _fold_transformer(block: TransformerBlock) -> int:
+    folded = 0
+    first = block.norm1.norm if isinstance(block.norm1, NormThenPool) else block.norm1
+    if isinstance(first, TokenBatchNorm) and _commutes_with_pool(block.norm1):
+        block.attn.qkv = _fold_input_norm(block.attn.qkv, first)
+        if isinstance(block.norm1, NormThenPool):
+            block.norm1.norm = nn.Identity()
+        else:
+            block.norm1 = nn.Identity()
+        folded += 1
+    if isinstance(block.norm2, TokenBatchNorm):
+        block.mlp.fc1 = _fold_input_norm(block.mlp.fc1, block.norm2)
+        block.norm2 = nn.Identity()
+        folded += 1
+    if isinstance(block.ls1, LayerScale):
+        _fold_scale_into(block.attn.proj, block.ls1)
+        block.ls1 = nn.Identity()
+    if isinstance(block.ls2, LayerScale):
+        _fold_scale_into(block.mlp.fc2, block.ls2)
+        block.ls2 = nn.Identity()
+    return folded
+
+
+def _commutes_with_pool(norm1: nn.Module) -> bool:
+    """An affine norm moves past an average pool, not past a max pool."""
+    return not isinstance(norm1, NormThenPool) or isinstance(norm1.down.pool, nn.AvgPool2d)

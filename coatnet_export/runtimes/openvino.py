@@ -3,7 +3,8 @@
 OpenVINO reads our ONNX files as they are (fp32, QDQ int8, external data) and runs a dynamic
 batch axis without reshaping. The precision is f32 unless bf16 is asked for: left to itself,
 OpenVINO picks bf16 on CPUs that have it, about 5e-3 off (and slower on issue 11's Xeon).
-e2e models are refused: the CPU plugin does not reproduce their antialiased ``Resize``.
+e2e models are refused: the CPU plugin computes their preprocessing (Pillow's resampling, in
+doubles) in single precision.
 int8 models run on one thread on x86 CPUs without VNNI (:func:`int8_threads`).
 """
 
@@ -88,9 +89,10 @@ def check_input(path: Path, model: Any) -> None:
         raise InputError(f"{path} has {len(model.inputs)} inputs; a classifier takes exactly one")
     if model.inputs[0].get_element_type().get_type_name() == "u8":
         raise InputError(
-            f"OpenVINO cannot run the e2e model {path}: its CPU plugin ignores the antialiasing "
-            "of the graph's Resize (Pillow's resampling), so the pixels differ by up to half the "
-            "0-255 range (run it with --runtime onnxruntime, or run model.onnx in OpenVINO)"
+            f"OpenVINO cannot run the e2e model {path}: its CPU plugin computes the graph's "
+            "preprocessing (Pillow's resampling, in doubles) in single precision, so the pixels "
+            "differ from Pillow's (run it with --runtime onnxruntime, or run model.onnx in "
+            "OpenVINO)"
         )
 
 

@@ -1,4 +1,5 @@
-"""Read a CoAtNet architecture off a checkpoint's keys and shapes, and compare it with a variant."""
+"""Read a CoAtNet architecture off a checkpoint's keys and shapes (lucid's or timm's), and
+compare it with a variant."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import Mapping
 import torch
 
 from coatnet_export.errors import InputError
-from models import VARIANTS, Tandem, VariantSpec
+from models import TIMM_VARIANTS, VARIANTS, Tandem, TimmSpec, VariantSpec
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -136,3 +137,38 @@ def _show(value: object) -> str:
     if isinstance(value, Tandem):
         return f"tandem {list(value.num_blocks)} blocks, widths {list(value.channels)}"
     return str(value)
+
+
+def recognise_timm(state_dict: StateDict) -> TimmSpec:
+    """The timm architecture whose keys and shapes a timm state dict has (relative-position
+    tables, whose size depends on the resolution, aside); the first in the table where
+    several fit (``coatnet_rmlp_2_rw_224`` and ``_384`` differ only in resolution)."""
+    found = _shapes(state_dict)
+    for spec in TIMM_VARIANTS.values():
+        model = spec.build(
+            num_classes=_classes(state_dict),
+            in_channels=dim(state_dict, "stem.conv1.weight", 1),
+            device="meta",
+        )
+        if _shapes(model.state_dict()) == found:
+            return spec
+    raise InputError(
+        "the checkpoint has timm's key names but is none of timm's CoAtNet-family "
+        f"architectures ({', '.join(TIMM_VARIANTS)}): pass --variant to be told which keys "
+        "differ"
+    )
+
+
+def _shapes(state_dict: StateDict) -> dict[str, int]:
+    """Key -> element count, without resolution-dependent tables and derived buffers (element
+    counts, so that 2-D and 4-D 1x1 weights compare equal)."""
+    return {
+        key: tensor.numel()
+        for key, tensor in state_dict.items()
+        if not key.endswith(("relative_position_bias_table", "relative_position_index"))
+        and not key.endswith(("rel_coords_log", "num_batches_tracked"))
+    }
+
+
+def _classes(state_dict: StateDict) -> int:
+    return dim(state_dict, "head.fc.weight", 0) if "head.fc.weight" in state_dict else 1000

@@ -195,7 +195,7 @@ def resize_bias_table(
     return resized.reshape(heads, -1).T.contiguous().to(table.dtype)
 
 
-def _check_fit(tensors: StateDict, expected: dict[str, torch.Size], wrong: list[str]) -> None:
+def check_fit(tensors: StateDict, expected: dict[str, torch.Size], wrong: list[str]) -> None:
     """Name every missing, unexpected and wrongly shaped key (expected vs found)."""
     missing = [k for k in expected if k not in tensors and not k.endswith(DERIVED_KEYS)]
     unexpected = [k for k in tensors if k not in expected]
@@ -242,5 +242,5 @@ def fit_state_dict(state_dict: StateDict, model: CoAtNet) -> tuple[StateDict, li
             "(bicubic): accuracy may change, fine-tune at the new size if it matters"
         )
         wrong = []
-    _check_fit(tensors, expected, wrong)
+    check_fit(tensors, expected, wrong)
     return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, warnings

@@ -12,6 +12,7 @@ from coatnet_export.sources.architecture import (
     architecture_mismatches,
     dim,
     infer_architecture,
+    recognise_timm,
 )
 from coatnet_export.sources.checkpoint import (
     Checkpoint,
@@ -20,10 +21,13 @@ from coatnet_export.sources.checkpoint import (
     trained_img_size,
 )
 from coatnet_export.sources.lucid import convert_lucid_state_dict
+from coatnet_export.sources.timm_weights import fit_timm_state_dict, looks_like_timm
 from models import (
     CoAtNet,
     ConfigError,
     Numerics,
+    TimmCoAtNet,
+    TimmSpec,
     VariantSpec,
     init_weights,
     materialize,
@@ -35,7 +39,7 @@ from models import (
 class ModelSpec:
     """What to build: an architecture at a resolution, with its input and output sizes."""
 
-    architecture: VariantSpec
+    architecture: VariantSpec | TimmSpec
     img_size: tuple[int, int] = (224, 224)
     in_channels: int = 3
     num_classes: int = 1000
@@ -46,14 +50,14 @@ class ModelSpec:
 class ReferenceModel:
     """A ready, eval-mode reference model and where its weights came from."""
 
-    model: CoAtNet
+    model: CoAtNet | TimmCoAtNet
     spec: ModelSpec
     weights: str
     """Human-readable origin: the checkpoint path, or the seed."""
     warnings: list[str] = field(default_factory=list)
 
 
-def build_meta(spec: ModelSpec) -> CoAtNet:
+def build_meta(spec: ModelSpec) -> CoAtNet | TimmCoAtNet:
     """The architecture on the meta device (no memory), with configuration errors as InputError."""
     try:
         return spec.architecture.build(
@@ -64,7 +68,7 @@ def build_meta(spec: ModelSpec) -> CoAtNet:
 
 
 def plan_model(
-    architecture: VariantSpec | None,
+    architecture: VariantSpec | TimmSpec | None,
     checkpoint: Checkpoint | None,
     img_size: tuple[int, int] | None = None,
     in_channels: int | None = None,
@@ -81,9 +85,12 @@ def plan_model(
     if checkpoint is None:
         if architecture is None:
             raise InputError("give --variant, or a --checkpoint to read the architecture from")
+        default_size = getattr(architecture, "img_size", (224, 224))
         return ModelSpec(
-            architecture, img_size or (224, 224), in_channels or 3, num_classes or 1000
+            architecture, img_size or default_size, in_channels or 3, num_classes or 1000
         ), None
+    if looks_like_timm(checkpoint.state_dict) or isinstance(architecture, TimmSpec):
+        return plan_timm(architecture, checkpoint, img_size, in_channels, num_classes)
     state_dict = checkpoint.state_dict
     try:
         found = infer_architecture(state_dict)
@@ -117,26 +124,62 @@ def plan_model(
     return spec, state_dict
 
 
+def plan_timm(
+    architecture: VariantSpec | TimmSpec | None,
+    checkpoint: Checkpoint,
+    img_size: tuple[int, int] | None,
+    in_channels: int | None,
+    num_classes: int | None,
+) -> tuple[ModelSpec, StateDict]:
+    """A timm checkpoint: the named timm architecture (its keys are checked while loading), or
+    the one its keys and shapes match; its training resolution unless ``img_size`` is given."""
+    state_dict = checkpoint.state_dict
+    if isinstance(architecture, VariantSpec):
+        raise InputError(
+            f"{checkpoint.path} holds a timm CoAtNet (timm's key names), not lucid's "
+            f"{architecture.name} (leave --variant out, or name a timm architecture)"
+        )
+    if not looks_like_timm(state_dict):
+        raise InputError(
+            f"{checkpoint.path} does not have timm's key names (stem.conv1.weight, "
+            f"stages.N.blocks.M.*): it is not a {architecture.name} checkpoint"
+        )
+    found = architecture or recognise_timm(state_dict)
+    classes = dim(state_dict, "head.fc.weight", 0) if "head.fc.weight" in state_dict else 1000
+    spec = ModelSpec(
+        found,
+        img_size or found.img_size,
+        in_channels or dim(state_dict, "stem.conv1.weight", 1),
+        num_classes or classes,
+    )
+    return spec, state_dict
+
+
 def load_reference(
     spec: ModelSpec, state_dict: StateDict | None, origin: str, seed: int
 ) -> ReferenceModel:
     """Build ``spec`` with the checkpoint's tensors, or seeded random weights without them.
 
     The model is built on the meta device and the checkpoint's tensors are assigned in place,
-    so only one copy of the weights is ever in memory.
+    so only one copy of the weights is ever in memory. ``state_dict`` is consumed (emptied):
+    the model owns its tensors, so the export's rewrites (which copy some weights) can free
+    the originals while callers up the stack still hold the dictionary.
     """
     model = build_meta(spec)
     if state_dict is None:
         init_weights(materialize(model), seed)
         return ReferenceModel(model.eval(), spec, f"seeded random weights (seed {seed})")
-    fitted, warnings = fit_state_dict(state_dict, model)
+    fit = fit_timm_state_dict if isinstance(model, TimmCoAtNet) else fit_state_dict
+    fitted, warnings = fit(state_dict, model)
     model.load_state_dict(fitted, strict=False, assign=True)
+    fitted.clear()
+    state_dict.clear()
     _zero_leftover_meta_buffers(model)
     refresh_derived_buffers(model)
     return ReferenceModel(model.eval(), spec, origin, warnings)
 
 
-def _zero_leftover_meta_buffers(model: CoAtNet) -> None:
+def _zero_leftover_meta_buffers(model: CoAtNet | TimmCoAtNet) -> None:
     """Bookkeeping buffers a checkpoint may omit (``num_batches_tracked``) get zeros."""
     for module in model.modules():
         for name, buffer in list(module.named_buffers(recurse=False)):
@@ -148,7 +191,7 @@ def _zero_leftover_meta_buffers(model: CoAtNet) -> None:
                 )
 
 
-def weights_sha256(model: CoAtNet) -> str:
+def weights_sha256(model: CoAtNet | TimmCoAtNet) -> str:
     """SHA-256 over the state dict's names and tensor bytes, in key order."""
     digest = hashlib.sha256()
     for name, tensor in model.state_dict().items():

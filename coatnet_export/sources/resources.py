@@ -95,6 +95,8 @@ def _stages(spec: ModelSpec) -> list[tuple[str, int, int, int, int]]:
     """(block type, blocks, input width, output width, stage) of each stage S1..S4 in forward
     order, with a tandem S3 as its MBConv run then its Transformer run."""
     arch = spec.architecture
+    if arch.family == "timm":
+        return [(kind, n, c_in, c_out, stage) for stage, kind, c_in, c_out, n in arch.stage_plan()]
     widths = list(arch.channels)
     if arch.tandem is not None:
         widths[3] = arch.tandem.channels[1]

@@ -6,13 +6,17 @@ reproduce :class:`coatnet_export.preprocess.Preprocessing`, which is Pillow's ar
 
 1. greyscale models: Pillow's RGB -> L (ITU-R 601-2 luma, 16-bit fixed point, truncated);
 2. the size that covers ``img_size / crop_pct`` keeping the aspect ratio, computed in doubles
-   from the input's Shape exactly as Python computes it;
-3. Pillow's separable resample: one pass per axis, each stored in 8 bits (rounded half up),
+   from the input's Shape exactly as Python computes it (``crop_mode`` squash: the constant
+   ``floor(img_size / crop_pct)``, whatever the image's aspect);
+3. Pillow's separable resample, pixel for pixel: one pass per axis, each stored in 8 bits,
    horizontal first unless the height shrinks by more than twice as many pixels as the width
-   (Pillow 13's order, an ``If``); each pass is ``Resize`` opset 18 with ``antialias=1``,
-   ``cubic_coeff_a=-0.5``, ``exclude_outside=1``, ``half_pixel``. ``nearest`` gathers the
-   pixels Pillow's affine transform picks (its coordinates accumulate in doubles: a CumSum);
-4. the centre crop (floor offsets) by Slice; 1/255, mean and std; NHWC -> NCHW.
+   (Pillow 13's order, an ``If``). A pass computes Pillow's taps and 22-bit fixed-point
+   weights in doubles from the input's Shape (its filter, window and rounding, operation for
+   operation), then sums the taps in int32 one at a time (a ``Loop`` of Gather, Mul, Add) and
+   rounds and clips as Pillow does. ``nearest`` gathers the pixels Pillow's affine transform
+   picks (its coordinates accumulate in doubles: a CumSum);
+4. the centre crop (floor offsets) by Slice; 1/255, mean and std; NHWC -> NCHW. The pixels
+   stay uint8 until the crop, as Pillow keeps them.
 
 The network's nodes and weights are kept as they are (external weights are copied to
 ``model.e2e.onnx.data``); its metadata is kept and gains an ``e2e`` entry in ``extra``.
@@ -53,13 +57,16 @@ E2E_FILES = {MODEL_FILE: "model.e2e.onnx", INT8_FILE: "model.e2e.int8.onnx"}
 INPUT_NAME = "image"
 PREFIX = "e2e/"
 """Every node and tensor of the preprocessing subgraph is named with this prefix."""
-MIN_OPSET = 18
-"""Resize gained ``antialias`` and ``axes`` in opset 18."""
-RESIZE_MODES = {"bicubic": "cubic", "bilinear": "linear"}
+MIN_OPSET = 15
+"""Shape gained ``start`` and ``end`` in opset 15; older models are converted."""
+PRECISION_BITS = 22
+"""Pillow's fixed-point weights for 8-bit images: 32 - 8 - 2 bits."""
 PILLOW_LUMA = (19595.0, 38470.0, 7471.0)
 """Pillow's RGB -> L weights (0.299, 0.587, 0.114) in 16-bit fixed point."""
 MAX_PIXEL_ERROR = 1.0
-"""The gate: largest difference from Pillow, in 0-255 levels, before normalisation."""
+"""The gate: largest difference from Pillow, in 0-255 levels, before normalisation. The graph
+computes Pillow's pixels exactly (0 on every image measured); the level left is for a weight
+that another platform's doubles round to the other side of a tie."""
 CHECK_SIZES = ((97, 143), (211, 89), (23, 31), (64, 64))
 """(height, width) of the generated check images: landscape, portrait, smaller than the model
 input (upscaled), square."""
@@ -94,8 +101,8 @@ class _Builder:
         return _Builder(self.root)
 
     def graph(self, output: str, rank: int) -> onnx.GraphProto:
-        """This builder's nodes as a subgraph with one float output."""
-        value = helper.make_tensor_value_info(output, TensorProto.FLOAT, [None] * rank)
+        """This builder's nodes as a subgraph with one uint8 output (pixels)."""
+        value = helper.make_tensor_value_info(output, TensorProto.UINT8, [None] * rank)
         return helper.make_graph(self.nodes, self._name("branch"), [], [value])
 
 
@@ -109,12 +116,14 @@ def preprocessing_subgraph(
             "fits models of 1 (greyscale) or 3 channels only"
         )
     b = _Builder()
-    pixels = b.op("Cast", [INPUT_NAME], to=TensorProto.FLOAT)
+    pixels = INPUT_NAME  # uint8 until the crop: the passes move a quarter of float's bytes
     if pre.channels == 1:
-        pixels = _luma(b, pixels)
-    size = _cover_size(b, pre)
+        luma = _luma(b, b.op("Cast", [INPUT_NAME], to=TensorProto.FLOAT))
+        pixels = b.op("Cast", [luma], to=TensorProto.UINT8)
+    size = _resized_size(b, pre)
     pixels = _resample(b, pixels, size, pre.interpolation)
     pixels = _centre_crop(b, pixels, size, pre.size)
+    pixels = b.op("Cast", [pixels], to=TensorProto.FLOAT)
     pixels = b.op("Div", [pixels, b.const(255.0, np.float32, "255")])
     pixels = b.op("Sub", [pixels, b.const(pre.mean, np.float32, "mean")])
     pixels = b.op("Div", [pixels, b.const(pre.std, np.float32, "std")])
@@ -130,8 +139,16 @@ def _luma(b: _Builder, rgb: str) -> str:
     return b.op("Floor", [b.op("Div", [total, b.const(65536.0, np.float32, "scale")])])
 
 
+def _resized_size(b: _Builder, pre: Preprocessing) -> str:
+    """int64 [2]: the resized (height, width): a constant for ``squash``, else the cover."""
+    if pre.crop_mode == "squash":  # the size does not depend on the image's
+        return b.const(pre.resized_size(1, 1), np.int64, "squash")
+    return _cover_size(b, pre)
+
+
 def _cover_size(b: _Builder, pre: Preprocessing) -> str:
-    """int64 [2]: the resized (height, width), computed in doubles as Preprocessing does."""
+    """int64 [2]: the size covering ``size / crop_pct`` keeping the aspect ratio, computed in
+    doubles as Preprocessing does."""
     height, width = pre.size
     hw = b.op("Cast", [b.op("Shape", [INPUT_NAME], start=1, end=3)], to=TensorProto.DOUBLE)
     target = b.const([height / pre.crop_pct, width / pre.crop_pct], np.float64, "cover")
@@ -150,20 +167,19 @@ def _resample(b: _Builder, pixels: str, size: str, interpolation: str) -> str:
     """Pillow's resize of NHWC ``pixels`` to ``size`` (int64 [2]: height, width)."""
     if interpolation == "nearest":
         return _nearest(b, pixels, size)
-    if interpolation not in RESIZE_MODES:
+    if interpolation not in PILLOW_FILTERS:
         raise InputError(
-            f"the export resizes with {interpolation}, which ONNX Resize cannot reproduce "
-            f"(e2e supports {', '.join([*RESIZE_MODES, 'nearest'])}: re-export with "
+            f"the export resizes with {interpolation}, which the e2e graph does not reproduce "
+            f"(e2e supports {', '.join([*PILLOW_FILTERS, 'nearest'])}: re-export with "
             "--interpolation bicubic)"
         )
-    mode = RESIZE_MODES[interpolation]
     height, width = _axis_length(b, size, 0), _axis_length(b, size, 1)
     branches = []
     for order in (((1, height), (2, width)), ((2, width), (1, height))):
         branch = b.branch()
         output = pixels
         for axis, length in order:
-            output = _resize_pass(branch, output, axis, length, mode)
+            output = _resize_pass(branch, output, axis, length, interpolation)
         branches.append(branch.graph(output, 4))
     vertical_first = _vertical_first(b, size)
     return b.op("If", [vertical_first], then_branch=branches[0], else_branch=branches[1])
@@ -184,21 +200,148 @@ def _vertical_first(b: _Builder, size: str) -> str:
     )
 
 
-def _resize_pass(b: _Builder, pixels: str, axis: int, length: str, mode: str) -> str:
-    """One of Pillow's separable passes, stored in 8 bits (rounded half up, clipped)."""
-    resized = b.op(
-        "Resize",
-        [pixels, "", "", length],
-        axes=[axis],
-        mode=mode,
-        antialias=1,
-        cubic_coeff_a=-0.5,
-        exclude_outside=1,
-        coordinate_transformation_mode="half_pixel",
+def _resize_pass(b: _Builder, pixels: str, axis: int, length: str, interpolation: str) -> str:
+    """One of Pillow's separable passes along ``axis`` (1: height, 2: width) of NHWC
+    ``pixels`` to ``length`` (int64 [1]). The width pass runs on the transposed image, so
+    that every pass gathers whole rows."""
+    if axis == 1:
+        return _resize_rows(b, pixels, length, interpolation)
+    swapped = b.op("Transpose", [pixels], perm=[0, 2, 1, 3])
+    resized = _resize_rows(b, swapped, length, interpolation)
+    return b.op("Transpose", [resized], perm=[0, 2, 1, 3])
+
+
+def _resize_rows(b: _Builder, pixels: str, length: str, interpolation: str) -> str:
+    """Pillow's pass along axis 1, exactly: its taps and 22-bit fixed-point weights computed
+    in doubles as Pillow computes them, the weighted sum accumulated in int32 as Pillow does
+    (one tap at a time), then Pillow's rounding and clipping to 8 bits."""
+    taps, weights = _pillow_coefficients(b, pixels, length, interpolation)
+    shape = b.op("Shape", [pixels])
+    outer = b.op("Slice", [shape, b.const([0], np.int64), b.const([1], np.int64)])
+    inner = b.op("Slice", [shape, b.const([2], np.int64), b.const([4], np.int64)])
+    half = np.array([1 << (PRECISION_BITS - 1)], np.int32)
+    start = b.op(
+        "ConstantOfShape",
+        [b.op("Concat", [outer, length, inner], axis=0)],
+        value=numpy_helper.from_array(half),
     )
-    rounded = b.op("Floor", [b.op("Add", [resized, b.const(0.5, np.float32, "half")])])
-    low, high = b.const(0.0, np.float32, "low"), b.const(255.0, np.float32, "high")
-    return b.op("Clip", [rounded, low, high])
+    trips = b.op("Squeeze", [b.op("Shape", [taps], start=1, end=2)])
+    source = b.op("Cast", [pixels], to=TensorProto.INT32)
+    weights = b.op("Cast", [weights], to=TensorProto.INT32)
+    body = _tap_sum(b.branch(), source, taps, weights)
+    total = b.op("Cast", [b.op("Loop", [trips, "", start], body=body)], to=TensorProto.DOUBLE)
+    stored = b.op("Floor", [b.op("Div", [total, b.const(1 << PRECISION_BITS, np.float64)])])
+    low, high = b.const(0.0, np.float64, "low"), b.const(255.0, np.float64, "high")
+    return b.op("Cast", [b.op("Clip", [stored, low, high])], to=TensorProto.UINT8)
+
+
+def _tap_sum(body: _Builder, pixels: str, taps: str, weights: str) -> onnx.GraphProto:
+    """A Loop body adding tap i: ``sum += pixels[:, taps[:, i]] * weights[:, i]`` (one tap
+    at a time: all taps at once would hold ksize copies of the image)."""
+    index, cond, total = (body._name(label) for label in ("i", "cond", "sum"))
+    rows = body.op("Gather", [pixels, body.op("Gather", [taps, index], axis=1)], axis=1)
+    weight = body.op("Gather", [weights, index], axis=1)
+    weight = body.op("Unsqueeze", [weight, body.const([1, 2], np.int64, "inner")])
+    added = body.op("Add", [total, body.op("Mul", [rows, weight])])
+    kept = body.op("Identity", [cond])
+    rank4 = [None] * 4
+    inputs = [
+        helper.make_tensor_value_info(index, TensorProto.INT64, []),
+        helper.make_tensor_value_info(cond, TensorProto.BOOL, []),
+        helper.make_tensor_value_info(total, TensorProto.INT32, rank4),
+    ]
+    outputs = [
+        helper.make_tensor_value_info(kept, TensorProto.BOOL, []),
+        helper.make_tensor_value_info(added, TensorProto.INT32, rank4),
+    ]
+    return helper.make_graph(body.nodes, body._name("taps"), inputs, outputs)
+
+
+def _pillow_coefficients(
+    b: _Builder, pixels: str, length: str, interpolation: str
+) -> tuple[str, str]:
+    """Pillow's ``precompute_coeffs`` and ``normalize_coeffs_8bpc`` for one axis, in doubles:
+    int64 taps [out, ksize] (clamped into the image) and their fixed-point weights (double
+    [out, ksize], zero outside each output pixel's window)."""
+    kernel, radius = PILLOW_FILTERS[interpolation]
+    d = TensorProto.DOUBLE
+    in_size = b.op("Cast", [b.op("Shape", [pixels], start=1, end=2)], to=d)
+    out_size = b.op("Cast", [length], to=d)
+    scale = b.op("Div", [in_size, out_size])
+    filterscale = b.op("Max", [scale, b.const([1.0], np.float64, "one")])
+    support = b.op("Mul", [filterscale, b.const([radius], np.float64, "radius")])
+    ksize = b.op(
+        "Add",
+        [
+            b.op("Mul", [b.op("Ceil", [support]), b.const([2.0], np.float64)]),
+            b.const([1.0], np.float64),
+        ],
+    )
+    zero, step, half = (b.const(v, np.float64) for v in (0.0, 1.0, 0.5))
+    outputs = b.op("Range", [zero, b.op("Squeeze", [out_size]), step])
+    center = b.op("Mul", [b.op("Add", [outputs, half]), scale])
+    first = b.op(
+        "Max", [b.op("Floor", [b.op("Add", [b.op("Sub", [center, support]), half])]), zero]
+    )
+    end = b.op(
+        "Min", [b.op("Floor", [b.op("Add", [b.op("Add", [center, support]), half])]), in_size]
+    )
+    column = b.const([1], np.int64, "column")
+    k = b.op(
+        "Unsqueeze", [b.op("Range", [zero, b.op("Squeeze", [ksize]), step]), b.const([0], np.int64)]
+    )
+    x = b.op("Add", [b.op("Unsqueeze", [first, column]), k])
+    inside = b.op("Less", [x, b.op("Unsqueeze", [end, column])])
+    offset = b.op("Add", [b.op("Sub", [x, b.op("Unsqueeze", [center, column])]), half])
+    argument = b.op("Mul", [offset, b.op("Div", [step, filterscale])])  # Pillow's ss
+    weight = b.op("Where", [inside, kernel(b, argument), zero])
+    weight = b.op("Div", [weight, b.op("ReduceSum", [weight, column], keepdims=1)])
+    fixed = b.op("Mul", [weight, b.const(float(1 << PRECISION_BITS), np.float64)])
+    rounded = b.op(
+        "Where",
+        [
+            b.op("Less", [fixed, zero]),
+            b.op("Ceil", [b.op("Sub", [fixed, half])]),
+            b.op("Floor", [b.op("Add", [fixed, half])]),
+        ],
+    )
+    last = b.op("Sub", [in_size, step])
+    taps = b.op("Cast", [b.op("Min", [x, last])], to=TensorProto.INT64)
+    return taps, rounded
+
+
+def _bicubic(b: _Builder, x: str) -> str:
+    """Pillow's bicubic filter (a = -0.5), operation for operation."""
+    x = b.op("Abs", [x])
+    one, two = b.const(1.0, np.float64), b.const(2.0, np.float64)
+    near = b.op(
+        "Mul",
+        [b.op("Sub", [b.op("Mul", [b.const(1.5, np.float64), x]), b.const(2.5, np.float64)]), x],
+    )
+    near = b.op("Add", [b.op("Mul", [near, x]), one])
+    far = b.op(
+        "Add",
+        [b.op("Mul", [b.op("Sub", [x, b.const(5.0, np.float64)]), x]), b.const(8.0, np.float64)],
+    )
+    far = b.op(
+        "Mul",
+        [b.op("Sub", [b.op("Mul", [far, x]), b.const(4.0, np.float64)]), b.const(-0.5, np.float64)],
+    )
+    zero = b.const(0.0, np.float64)
+    return b.op(
+        "Where", [b.op("Less", [x, one]), near, b.op("Where", [b.op("Less", [x, two]), far, zero])]
+    )
+
+
+def _triangle(b: _Builder, x: str) -> str:
+    """Pillow's bilinear filter."""
+    x = b.op("Abs", [x])
+    one = b.const(1.0, np.float64)
+    return b.op("Where", [b.op("Less", [x, one]), b.op("Sub", [one, x]), b.const(0.0, np.float64)])
+
+
+PILLOW_FILTERS = {"bicubic": (_bicubic, 2.0), "bilinear": (_triangle, 1.0)}
+"""Pillow's filters the graph reproduces, with their support (radius) at scale 1."""
 
 
 def _nearest(b: _Builder, pixels: str, size: str) -> str:
@@ -275,9 +418,8 @@ def _default_opset(model: onnx.ModelProto) -> int:
 
 def write_e2e(source: Path, target: Path, metadata: ExportMetadata) -> Path | None:
     """Write the e2e model of ``source`` to ``target``; returns its weights file, if any."""
-    model = attach_preprocessing(
-        onnx.load(str(source), load_external_data=False), metadata.preprocessing()
-    )
+    pre = metadata.preprocessing()
+    model = attach_preprocessing(onnx.load(str(source), load_external_data=False), pre)
     external = [t for t in model.graph.initializer if uses_external_data(t)]
     weights = None
     if external:
@@ -292,7 +434,8 @@ def write_e2e(source: Path, target: Path, metadata: ExportMetadata) -> Path | No
     extra["e2e"] = {
         "source": source.name,
         "input": f"{INPUT_NAME}: uint8 RGB [1, height, width, 3], any height and width",
-        "preprocessing": "in the graph: Pillow's resize (8-bit passes), centre crop, normalise",
+        "preprocessing": f"in the graph: Pillow's resize (8-bit passes, {pre.crop_mode}), "
+        "centre crop, normalise",
     }
     props.update(extra=json.dumps(extra), opset=json.dumps(_default_opset(model)))
     del model.metadata_props[:]

@@ -51,6 +51,7 @@ PAGE_METADATA = (
     "std",
     "crop_pct",
     "interpolation",
+    "crop_mode",
     "quantization",
     "versions",
 )

@@ -319,7 +319,8 @@ function showAbout(config) {
   const [h, w] = meta.img_size;
   $("about").textContent =
     `${meta.variant}: ${meta.num_classes} classes, ${h} × ${w} input; the model itself ` +
-    `resizes (${meta.interpolation}), crops (crop_pct ${meta.crop_pct}) and normalises. ` +
+    `resizes (${meta.interpolation}, ${meta.crop_mode ?? "center"}), crops ` +
+    `(crop_pct ${meta.crop_pct}) and normalises. ` +
     `Exported with coatnet-export ${meta.versions?.coatnet_export ?? ""}.`;
 }
 
