@@ -19,7 +19,7 @@ from coatnet_export.console import Progress
 from coatnet_export.layout import INT8_FILE, MODEL_FILE
 
 if TYPE_CHECKING:
-    from models import VariantSpec
+    from models import TimmSpec, VariantSpec
 
 REWARM_CALLS = 1
 """Untimed calls before each timed one, after switching candidates: they absorb the switch
@@ -302,7 +302,8 @@ class BenchPlan:
     labels: dict[str, str]
     """Target name -> what it is (a path, or the variant)."""
     input_shape: tuple[int, int, int]
-    macs_per_image: int
+    macs_per_image: int | None
+    """None: not known (no GFLOP/s column)."""
 
 
 BENCH_COLUMNS = (
@@ -346,7 +347,7 @@ def run_bench(options: BenchOptions, progress: Progress) -> BenchOutcome:
     with tempfile.TemporaryDirectory() as workdir:
         plan = plan_bench(options, Path(workdir), progress)
         rows, peaks = benchmark(plan, options, progress)
-    return BenchOutcome(plan.labels, rows, peaks, plan.macs_per_image * 2 / 1e9)
+    return BenchOutcome(plan.labels, rows, peaks, (plan.macs_per_image or 0) * 2 / 1e9)
 
 
 def plan_bench(options: BenchOptions, workdir: Path, progress: Progress) -> BenchPlan:
@@ -417,7 +418,11 @@ def plan_bench(options: BenchOptions, workdir: Path, progress: Progress) -> Benc
 
 
 def check_bench_memory(
-    architecture: VariantSpec, size: tuple[int, int], channels: int, classes: int, batch: int
+    architecture: VariantSpec | TimmSpec,
+    size: tuple[int, int],
+    channels: int,
+    classes: int,
+    batch: int,
 ) -> None:
     """Refuse a ``--batch`` whose model, activations and input cannot fit in memory."""
     from coatnet_export.sources.model_source import ModelSpec

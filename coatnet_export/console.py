@@ -19,8 +19,8 @@ class Progress:
     A pipeline announces its own steps (:meth:`expect`) and notes (:meth:`note`); a command
     only makes one, enabled or quiet."""
 
-    def __init__(self, total: int = 0, enabled: bool = True) -> None:
-        self.total = total
+    def __init__(self, enabled: bool = True) -> None:
+        self.total = 0
         self.done = 0
         self.enabled = enabled
         self._open = False

@@ -10,6 +10,7 @@ from coatnet_export.console import Progress
 from coatnet_export.describe import load_proto, metadata_of, resolve_model_path
 from coatnet_export.errors import InputError
 from coatnet_export.metadata import ExportMetadata
+from coatnet_export.sources import CHECKPOINT_FORMATS, CheckpointFormat
 from coatnet_export.sources.checkpoint import read_checkpoint
 from coatnet_export.sources.hub import weights_file
 from coatnet_export.sources.model_source import (
@@ -32,6 +33,12 @@ from models import Numerics, TimmSpec, VariantSpec, architecture_from_dict
 
 LARGE_BATCH = 4
 """The batch of random inputs that exercises a dynamic batch axis."""
+
+
+def checkpoint_format(metadata: ExportMetadata) -> CheckpointFormat:
+    """The checkpoint format the metadata records (``auto`` for none or one not known)."""
+    recorded = metadata.checkpoint_format
+    return next((f for f in CHECKPOINT_FORMATS if f == recorded), "auto")
 
 
 def recorded_architecture(
@@ -114,7 +121,7 @@ def run_validate(options: ValidateOptions, progress: Progress) -> ValidateOutcom
         )
         state_dict = None
     else:
-        source = read_checkpoint(weights_file(checkpoint), metadata.checkpoint_format or "auto")
+        source = read_checkpoint(weights_file(checkpoint), checkpoint_format(metadata))
         spec, state_dict = plan_model(
             architecture, source, img_size, metadata.in_channels, metadata.num_classes
         )

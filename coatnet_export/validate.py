@@ -16,7 +16,7 @@ from coatnet_export.preprocess import Preprocessing, list_images, load_images
 from coatnet_export.runtimes import RunOptions, load_model
 
 if TYPE_CHECKING:  # torch loads when a reference runs, not when the command line starts
-    from models import CoAtNet
+    import torch
 
 
 @dataclass
@@ -182,7 +182,7 @@ def recorded_case(
     return Case(f"recorded outputs ({path.name})", x, y, RECORDED_GATES)
 
 
-def add_reference_outputs(model: CoAtNet, cases: list[Case]) -> None:
+def add_reference_outputs(model: torch.nn.Module, cases: list[Case]) -> None:
     """Fill each case's reference from the PyTorch model (before any export rewrite)."""
     import torch
 

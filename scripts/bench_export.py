@@ -44,6 +44,7 @@ from coatnet_export.bench import (
     time_interleaved,
 )
 from coatnet_export.console import Progress, render_table
+from coatnet_export.export.onnx_export import AttentionGraph
 from coatnet_export.export.pipeline import ExportOptions, run_export
 from coatnet_export.runtimes.onnxruntime import make_session
 from models import (
@@ -65,7 +66,7 @@ def seeded(name: str) -> torch.nn.Module:
     return init_weights(materialize(build_variant(name, device="meta")), 0).eval()
 
 
-def export_ours(workdir: Path, attention: str) -> Path:
+def export_ours(workdir: Path, attention: AttentionGraph) -> Path:
     outcome = run_export(
         ExportOptions(
             architecture=get_variant("coatnet_0"),
@@ -73,7 +74,7 @@ def export_ours(workdir: Path, attention: str) -> Path:
             samples=1,
             attention=attention,
         ),
-        Progress(6, enabled=False),
+        Progress(enabled=False),
     )
     return outcome.directory / "model.onnx"
 

@@ -164,7 +164,7 @@ def bench_recipes(work: Path, args) -> list[dict]:
     print("exporting coatnet_0 and the digits fixture ...", file=sys.stderr)
     c0 = run_export(
         ExportOptions(architecture=get_variant("coatnet_0"), output=work / "c0", validate=False),
-        Progress(4, enabled=False),
+        Progress(enabled=False),
     ).directory
     digits = run_export(
         ExportOptions(
@@ -176,7 +176,7 @@ def bench_recipes(work: Path, args) -> list[dict]:
             crop_pct=1.0,
             validate=False,
         ),
-        Progress(4, enabled=False),
+        Progress(enabled=False),
     ).directory
     train, test = split()
     write_images(work / "digits_calibration", train[:64])

@@ -92,7 +92,7 @@ def export_and_quantize(variant: str, work: Path, calibration: int) -> list[Path
     say(f"exporting {variant} (seeded weights) ...")
     outcome = run_export(
         ExportOptions(architecture=get_variant(variant), output=work / variant, samples=1),
-        Progress(6, enabled=False),
+        Progress(enabled=False),
     )
     photo_crops(work / "photos", calibration)
     for_openvino = work / f"{variant}-openvino"

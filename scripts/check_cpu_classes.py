@@ -111,7 +111,7 @@ def make_fixture(work: Path, images: int, say) -> dict[str, Path]:
         labels=labels,
         samples=1,
     )
-    run_export(options, Progress(6, enabled=False))
+    run_export(options, Progress(enabled=False))
     models = {"fp32": work / "export" / "model.onnx"}
     for target in PRESETS:
         folder = work / f"int8-{target}"

@@ -36,7 +36,7 @@ from conftest import TINY, assert_clean_failure, listing
 def export_tiny(tmp_path: Path, **overrides) -> object:
     options = dict(architecture=TINY, output=tmp_path / "out", img_size=(64, 96), num_classes=10)
     options.update(overrides)
-    return run_export(ExportOptions(**options), Progress(6, enabled=False))
+    return run_export(ExportOptions(**options), Progress(enabled=False))
 
 
 def ops_of(path: Path) -> set[str]:
@@ -222,7 +222,7 @@ def test_coatnet_0_parity(tmp_path: Path, exporter: str) -> None:
             samples=1,
             large_batch=2,
         ),
-        Progress(6, enabled=False),
+        Progress(enabled=False),
     )
     assert outcome.passed, [r.as_dict() for r in outcome.results]
     assert outcome.graph.table_lookups == 0

@@ -65,7 +65,7 @@ def assets(tmp_path_factory) -> Assets:
             exporter="torchscript",
             samples=1,
         ),
-        Progress(6, enabled=False),
+        Progress(enabled=False),
     )
     image = folder / "photo.png"
     from PIL import Image

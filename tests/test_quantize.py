@@ -426,7 +426,7 @@ def external_export(digits: dict[str, Path], tmp_path: Path) -> Path:
             validate=False,
             external_data_threshold=10_000,
         ),
-        Progress(4, enabled=False),
+        Progress(enabled=False),
     ).directory
 
 

@@ -53,7 +53,7 @@ def tiny_224(tmp_path_factory) -> Path:
         num_classes=10,
         validate=False,
     )
-    return run_export(options, Progress(4, enabled=False)).directory / "model.onnx"
+    return run_export(options, Progress(enabled=False)).directory / "model.onnx"
 
 
 def calibration_peak(model: Path, count: int, method: str) -> int:
@@ -92,7 +92,7 @@ def test_large_model_path_external_data_in_and_out(
             validate=False,
             external_data_threshold=10_000,
         ),
-        Progress(4, enabled=False),
+        Progress(enabled=False),
     ).directory
     assert (export / "model.onnx.data").is_file()
     result = run_cli("quantize", export, "--random-calibration", "--calibration-samples", "4")

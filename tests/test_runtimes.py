@@ -62,7 +62,7 @@ def digits(tmp_path_factory) -> dict[str, Path]:
         crop_pct=1.0,
         samples=1,
     )
-    run_export(options, Progress(6, enabled=False))
+    run_export(options, Progress(enabled=False))
     quantized = cli(
         "quantize", export, "--calibration-data", root / "calibration", "--eval-data",
         root / "test", "--latency-runs", "5",

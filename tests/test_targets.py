@@ -120,7 +120,7 @@ def tiny(tmp_path_factory) -> Path:
             samples=1,
             external_data_threshold=0,
         ),
-        Progress(6, enabled=False),
+        Progress(enabled=False),
     )
     return export
 
@@ -282,7 +282,7 @@ def test_e2e_of_an_opset_17_export(tmp_path: Path, photos: Path, run_cli) -> Non
             architecture=TINY, output=export, img_size=(32, 32), num_classes=4, samples=1,
             exporter="torchscript", interpolation="bilinear", crop_pct=0.9,
         ),
-        Progress(6, enabled=False),
+        Progress(enabled=False),
     )  # fmt: skip
     result = run_cli("package", export, "--target", "e2e", "--check-images", photos)
     assert result.code == 0, result.err

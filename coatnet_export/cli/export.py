@@ -186,11 +186,9 @@ def export(**kw) -> None:
         force=kw["force"],
         report=kw["report"],
     )
-    outcome = run_export(
-        options, Progress(total=6 if options.validate else 4, enabled=not kw["quiet"])
-    )
+    outcome = run_export(options, Progress(enabled=not kw["quiet"]))
     if outcome.results:
-        click.echo(render_table([r.as_dict() for r in outcome.results], RESULT_COLUMNS))
+        click.echo(render_table(outcome.rows(), RESULT_COLUMNS))
     sizes = ", ".join(
         f"{name} {(outcome.directory / name).stat().st_size / 2**20:.1f} MiB"
         for name in outcome.graph.files

@@ -17,6 +17,7 @@ stay free of this package (tests/test_quantize_presets.py checks that the copies
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import asdict, dataclass, field
 
 from coatnet_export.errors import InputError
@@ -157,9 +158,10 @@ def read_cpu() -> dict:
     except OSError:  # not Linux
         pass
     try:
-        from numpy._core._multiarray_umath import __cpu_features__ as isa
+        umath = importlib.import_module("numpy._core._multiarray_umath")
     except ImportError:  # numpy < 2
-        from numpy.core._multiarray_umath import __cpu_features__ as isa
+        umath = importlib.import_module("numpy.core._multiarray_umath")
+    isa = umath.__cpu_features__
     found = {
         "amx_int8": isa.get("AVX512VNNI") and "amx_int8" in flags,
         "avx512_vnni": isa.get("AVX512VNNI"),

@@ -26,12 +26,11 @@ from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
 from coatnet_export.describe import load_proto
 from coatnet_export.errors import InputError
+from coatnet_export.layout import INT8_FILE, MODEL_FILE
 from coatnet_export.limits import check_int32
 from coatnet_export.metadata import ExportMetadata
 from coatnet_export.output import check_member_name, claim, publish, staging
 from coatnet_export.targets import (
-    INT8_FILE,
-    MODEL_FILE,
     PackageOptions,
     PackageOutcome,
     export_metadata,
