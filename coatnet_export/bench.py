@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
+from coatnet_export.console import Progress
+from coatnet_export.layout import INT8_FILE, MODEL_FILE
+
 if TYPE_CHECKING:
-    from models import VariantSpec
+    from models import TimmSpec, VariantSpec
 
 REWARM_CALLS = 1
 """Untimed calls before each timed one, after switching candidates: they absorb the switch
@@ -42,9 +47,12 @@ class LatencyStats:
         return asdict(self)
 
 
+Key = TypeVar("Key", bound=Hashable)
+
+
 def time_interleaved(
-    candidates: dict[str, Callable[[], object]], warmup: int, runs: int
-) -> dict[str, list[float]]:
+    candidates: Mapping[Key, Callable[[], object]], warmup: int, runs: int
+) -> dict[Key, list[float]]:
     """Seconds per call of each candidate, measured round-robin so drift hits all alike.
 
     Every candidate is warmed up first; each round then calls every candidate in turn,
@@ -54,7 +62,7 @@ def time_interleaved(
         for _ in range(warmup):
             fn()
     names = list(candidates)
-    samples: dict[str, list[float]] = {name: [] for name in names}
+    samples: dict[Key, list[float]] = {name: [] for name in names}
     for round_index in range(runs):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
@@ -194,37 +202,38 @@ def torch_target(model) -> BenchTarget:
 
 
 def benchmark(
-    targets: list[BenchTarget],
-    input_shape: tuple[int, int, int],
-    batches: list[int],
-    threads: list[int],
-    runs: int,
-    warmup: int,
-    macs_per_image: int | None,
-    progress: Callable[[str], None],
-) -> tuple[list[LatencyStats], dict[int, float]]:
+    plan: BenchPlan, options: BenchOptions, progress: Progress
+) -> tuple[list[LatencyStats], dict[tuple[int, int], float]]:
     """Time every target at every batch size and thread count, interleaved within each setting
     together with a 2048² fp32 matmul, whose rate in the same rounds is each row's peak.
     Returns the rows and the matmul GFLOP/s by (threads, batch)."""
     rows: list[LatencyStats] = []
     peaks: dict[tuple[int, int], float] = {}
     rng = np.random.default_rng(0)
-    for thread_count in threads:
+    targets, runs = plan.targets, options.runs
+    for thread_count in options.thread_counts:
         runners = {t.key: t.make_runner(thread_count) for t in targets}
         matmul, matmul_flops = matmul_runner(thread_count)
-        for batch in batches:
-            progress(
+        for batch in options.batches:
+            label = (
                 f"{thread_count} thread(s), batch {batch}: {len(targets)} target(s) and the "
                 f"matmul x {runs} runs"
             )
-            x = rng.standard_normal((batch, *input_shape), dtype=np.float32)
-            candidates = {n: (lambda r=r, x=x: r(x)) for n, r in runners.items()}
-            samples = time_interleaved({**candidates, MATMUL: matmul}, warmup, runs)
+            with progress.step(label):
+                x = rng.standard_normal((batch, *plan.input_shape), dtype=np.float32)
+                candidates = {n: (lambda r=r, x=x: r(x)) for n, r in runners.items()}
+                samples = time_interleaved({**candidates, MATMUL: matmul}, options.warmup, runs)
             peak = matmul_flops / float(np.median(samples[MATMUL])) / 1e9
             peaks[thread_count, batch] = peak
             rows += [
                 summarize(
-                    t.name, samples[t.key], batch, thread_count, macs_per_image, t.runtime, peak
+                    t.name,
+                    samples[t.key],
+                    batch,
+                    thread_count,
+                    plan.macs_per_image,
+                    t.runtime,
+                    peak,
                 )
                 for t in targets
             ]
@@ -252,7 +261,7 @@ INT8_OPS = {
 def describe_onnx(path):
     """A short label ("onnx fp32", "onnx int8", or "onnx int8 for openvino" for an int8 graph
     laid out for OpenVINO) and the coatnet-export metadata, if any."""
-    from coatnet_export.inspect import load_proto, metadata_of
+    from coatnet_export.describe import load_proto, metadata_of
     from coatnet_export.metadata import int8_layout
 
     proto = load_proto(path)
@@ -263,34 +272,90 @@ def describe_onnx(path):
     return ("onnx int8" if runtime == "onnxruntime" else f"onnx int8 for {runtime}"), metadata
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
+class BenchOptions:
+    """What ``coatnet-export bench`` was asked to do."""
+
+    models: tuple[Path, ...] = ()
+    """.onnx files or export folders (whose model.onnx and model.int8.onnx are both taken)."""
+    variant: str | None = None
+    """Also time this variant in PyTorch eager; without models, export it first."""
+    img_size: tuple[int, int] | None = None
+    batches: tuple[int, ...] = (1, 8)
+    threads: tuple[int, ...] = ()
+    """Thread counts; none: 1 and all cores."""
+    runs: int = 20
+    warmup: int = 3
+    with_torch: bool = True
+    runtimes: tuple[str, ...] = ("onnxruntime",)
+    precision: str = "f32"
+    """OpenVINO's inference precision."""
+
+    @property
+    def thread_counts(self) -> list[int]:
+        return list(dict.fromkeys(self.threads)) or sorted({1, os.cpu_count() or 1})
+
+
+@dataclass(frozen=True)
 class BenchPlan:
     targets: list[BenchTarget]
     labels: dict[str, str]
     """Target name -> what it is (a path, or the variant)."""
     input_shape: tuple[int, int, int]
-    macs_per_image: int
+    macs_per_image: int | None
+    """None: not known (no GFLOP/s column)."""
 
 
-def plan_bench(
-    models: list,
-    variant: str | None,
-    img_size: tuple[int, int] | None,
-    with_torch: bool,
-    workdir,
-    say: Callable[[str], None],
-    runtimes: tuple[str, ...] = ("onnxruntime",),
-    precision: str = "f32",
-    largest_batch: int = 1,
-) -> BenchPlan:
+BENCH_COLUMNS = (
+    "name",
+    "runtime",
+    "threads",
+    "batch",
+    "p50_ms",
+    "p90_ms",
+    "p99_ms",
+    "images_per_s",
+    "gflops_per_s",
+    "pct_of_peak",
+)
+
+
+@dataclass(frozen=True)
+class BenchOutcome:
+    """Each target's latency at each setting, and the matmul peak of the same rounds."""
+
+    labels: dict[str, str]
+    results: list[LatencyStats]
+    peaks: dict[tuple[int, int], float]
+    """Matmul GFLOP/s by (threads, batch)."""
+    gflop_per_image: float
+
+    def rows(self) -> list[dict]:
+        return [r.as_dict() for r in self.results]
+
+    def as_dict(self) -> dict:
+        return {
+            "targets": self.labels,
+            "results": self.rows(),
+            "matmul_gflops": {f"{t}x{b}": v for (t, b), v in self.peaks.items()},
+            "gflop_per_image": self.gflop_per_image,
+        }
+
+
+def run_bench(options: BenchOptions, progress: Progress) -> BenchOutcome:
+    """Plan the targets (exporting --variant when no model is given), then time them."""
+    with tempfile.TemporaryDirectory() as workdir:
+        plan = plan_bench(options, Path(workdir), progress)
+        rows, peaks = benchmark(plan, options, progress)
+    return BenchOutcome(plan.labels, rows, peaks, (plan.macs_per_image or 0) * 2 / 1e9)
+
+
+def plan_bench(options: BenchOptions, workdir: Path, progress: Progress) -> BenchPlan:
     """Targets for ``coatnet-export bench``: the given ONNX models in every runtime, and PyTorch
-    eager. ``precision`` applies to OpenVINO; ``largest_batch`` must fit in memory."""
-    from pathlib import Path
-
-    from coatnet_export.console import Progress
+    eager. ``options.precision`` applies to OpenVINO; the largest batch must fit in memory."""
+    from coatnet_export.describe import resolve_model_path
     from coatnet_export.errors import InputError
     from coatnet_export.export.pipeline import ExportOptions, run_export
-    from coatnet_export.inspect import resolve_model_path
     from models import (
         architecture_from_dict,
         get_variant,
@@ -299,28 +364,31 @@ def plan_bench(
         variant_cost,
     )
 
+    variant, img_size, largest_batch = options.variant, options.img_size, max(options.batches)
+    settings = len(options.thread_counts) * len(options.batches)
     paths: list[Path] = []
-    for model in models:
-        if Path(model).is_dir() and (Path(model) / "model.int8.onnx").is_file():
-            paths += [Path(model) / "model.onnx", Path(model) / "model.int8.onnx"]
+    for given in options.models:
+        if given.is_dir() and (given / INT8_FILE).is_file():
+            paths += [given / MODEL_FILE, given / INT8_FILE]
         else:
-            paths.append(resolve_model_path(Path(model)))
+            paths.append(resolve_model_path(given))
     architecture = get_variant(variant) if variant else None
     if not paths:
-        if architecture is None:
+        if architecture is None or variant is None:
             raise InputError("give ONNX models to time, or --variant NAME")
         check_bench_memory(architecture, img_size or (224, 224), 3, 1000, largest_batch)
-        say(f"exporting {variant} (fp32) for the benchmark ...")
-        outcome = run_export(
-            ExportOptions(
-                architecture=architecture,
-                output=Path(workdir) / variant,
-                img_size=img_size,
-                validate=False,
-            ),
-            Progress(4, enabled=False),
-        )
-        paths.append(outcome.directory / "model.onnx")
+        progress.expect(settings + 1)
+        with progress.step(f"exporting {variant} (fp32) for the benchmark"):
+            outcome = run_export(
+                ExportOptions(
+                    architecture=architecture,
+                    output=workdir / variant,
+                    img_size=img_size,
+                    validate=False,
+                ),
+                Progress(enabled=False),
+            )
+        paths.append(outcome.directory / MODEL_FILE)
     described = [(path, *describe_onnx(path)) for path in paths]
     metadata = next((m for _, _, m in described if m), None)
     if architecture is None and metadata is not None:
@@ -331,8 +399,9 @@ def plan_bench(
     channels = metadata.in_channels if metadata else 3
     classes = metadata.num_classes if metadata else 1000
     check_bench_memory(architecture, size, channels, classes, largest_batch)
+    progress.expect(progress.done + settings)
     targets, labels = [], {}
-    if with_torch:
+    if options.with_torch:
         model = init_weights(
             materialize(architecture.build(size, classes, channels, device="meta")), 0
         ).eval()
@@ -341,15 +410,19 @@ def plan_bench(
     for path, kind, _ in described:
         name = kind if kind not in labels else f"{kind} ({path.name})"
         labels[name] = str(path)
-        for runtime in runtimes:
-            openvino_precision = precision if runtime == "openvino" else "f32"
+        for runtime in dict.fromkeys(options.runtimes):
+            openvino_precision = options.precision if runtime == "openvino" else "f32"
             targets.append(model_target(name, path, runtime, openvino_precision))
     macs = variant_cost(architecture, size, classes, channels).macs
     return BenchPlan(targets, labels, (channels, *size), macs)
 
 
 def check_bench_memory(
-    architecture: VariantSpec, size: tuple[int, int], channels: int, classes: int, batch: int
+    architecture: VariantSpec | TimmSpec,
+    size: tuple[int, int],
+    channels: int,
+    classes: int,
+    batch: int,
 ) -> None:
     """Refuse a ``--batch`` whose model, activations and input cannot fit in memory."""
     from coatnet_export.sources.model_source import ModelSpec

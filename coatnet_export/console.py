@@ -9,32 +9,61 @@ import logging
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 
 class Progress:
-    """Numbered steps with their durations: ``[2/6] exporting ONNX ... 3.1 s``."""
+    """Numbered steps with their durations: ``[2/6] exporting ONNX ... 3.1 s``.
 
-    def __init__(self, total: int, enabled: bool = True) -> None:
-        self.total = total
+    A pipeline announces its own steps (:meth:`expect`) and notes (:meth:`note`); a command
+    only makes one, enabled or quiet."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.total = 0
         self.done = 0
         self.enabled = enabled
+        self._open = False
+        """A step line is written without its end (its duration comes when it ends)."""
+
+    def expect(self, total: int) -> None:
+        """How many steps the pipeline will take (it may expect more as it goes)."""
+        self.total = total
 
     @contextlib.contextmanager
     def step(self, label: str) -> Iterator[None]:
         self.done += 1
         start = time.perf_counter()
-        self._write(f"[{self.done}/{self.total}] {label} ...")
+        self._write(f"[{self.done}/{max(self.total, self.done)}] {label} ...")
+        self._open = True
         try:
             yield
         except BaseException:
-            self._write(" failed\n")
+            self._end(" failed\n")
             raise
-        self._write(f" {time.perf_counter() - start:.1f} s\n")
+        self._end(f" {time.perf_counter() - start:.1f} s\n")
 
     def note(self, text: str) -> None:
+        if self._open:
+            self._write("\n")
+            self._open = False
         self._write(f"      {text}\n")
+
+    def counter(self, what: str, total: int, every_s: float = 15.0) -> Callable[[int], None]:
+        """A callback for ``done`` items out of ``total``: a note at most every ``every_s``."""
+        last = [time.perf_counter()]
+
+        def report(done: int) -> None:
+            now = time.perf_counter()
+            if now - last[0] >= every_s or done == total:
+                last[0] = now
+                self.note(f"{what} {done}/{total}")
+
+        return report
+
+    def _end(self, text: str) -> None:
+        self._write(text if self._open else f"      ...{text}")
+        self._open = False
 
     def _write(self, text: str) -> None:
         if self.enabled:

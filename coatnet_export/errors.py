@@ -20,6 +20,7 @@ import sys
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 EXIT_OK = 0
 EXIT_GATE = 1
@@ -190,7 +191,10 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         queue += [e for e in (current.__cause__, current.__context__) if e is not None]
 
 
-def _find(exc: BaseException, kind: type) -> BaseException | None:
+Found = TypeVar("Found", bound=BaseException)
+
+
+def _find(exc: BaseException, kind: type[Found]) -> Found | None:
     return next((e for e in _chain(exc) if isinstance(e, kind)), None)
 
 
@@ -256,7 +260,7 @@ def explain(exc: BaseException) -> tuple[str, int]:
     chain = list(_chain(exc))
     interrupted = next((e for e in chain if isinstance(e, KeyboardInterrupt)), None)
     if _received is not None or interrupted is not None:
-        signum = _received or getattr(interrupted, "signum", signal.SIGINT)
+        signum = _received or getattr(interrupted, "signum", None) or signal.SIGINT
         return "aborted", 128 + int(signum)
     for current in chain:
         explained = _explain_one(current)

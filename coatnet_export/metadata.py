@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from coatnet_export.layout import MANIFEST_FILE
+
 if TYPE_CHECKING:  # onnx and numpy load when a model is read, not when the command line starts
     import onnx
 
@@ -96,7 +98,7 @@ def write_props(model: onnx.ModelProto, metadata: ExportMetadata) -> None:
     onnx.helper.set_model_props(model, metadata.to_props())
 
 
-def write_json(path: Path, payload: dict[str, Any]) -> None:
+def write_json(path: Path, payload: dict[str, Any] | list[Any]) -> None:
     """Write JSON atomically: to a temporary name of its own beside ``path``, then rename (a
     failed write, a full disk, leaves nothing behind; two writers never tear the file)."""
     from coatnet_export.output import atomic_file
@@ -111,7 +113,7 @@ def record_artefacts(export_dir: Path, artefacts: dict[str, tuple[str, str]]) ->
     ``artefacts`` maps a path relative to ``export_dir`` to (kind, purpose); each entry gets its
     size in bytes (a folder: all its files). Entries whose file is gone are dropped.
     """
-    path = export_dir / "manifest.json"
+    path = export_dir / MANIFEST_FILE
     manifest = json.loads(path.read_text()) if path.is_file() else {}
     entries = manifest.setdefault("artefacts", {})
     for name, (kind, purpose) in artefacts.items():

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coatnet_export.console import Progress
+from coatnet_export.describe import load_proto, metadata_of, resolve_model_path
 from coatnet_export.errors import InputError
-from coatnet_export.inspect import load_proto, metadata_of, resolve_model_path
 from coatnet_export.metadata import ExportMetadata
+from coatnet_export.sources import CHECKPOINT_FORMATS, CheckpointFormat
 from coatnet_export.sources.checkpoint import read_checkpoint
 from coatnet_export.sources.hub import weights_file
 from coatnet_export.sources.model_source import (
@@ -34,6 +35,12 @@ LARGE_BATCH = 4
 """The batch of random inputs that exercises a dynamic batch axis."""
 
 
+def checkpoint_format(metadata: ExportMetadata) -> CheckpointFormat:
+    """The checkpoint format the metadata records (``auto`` for none or one not known)."""
+    recorded = metadata.checkpoint_format
+    return next((f for f in CHECKPOINT_FORMATS if f == recorded), "auto")
+
+
 def recorded_architecture(
     model_path: Path, metadata: ExportMetadata
 ) -> tuple[VariantSpec | TimmSpec, Numerics]:
@@ -47,8 +54,26 @@ def recorded_architecture(
         ) from None
 
 
-@dataclass
-class Revalidation:
+@dataclass(frozen=True, kw_only=True)
+class ValidateOptions:
+    """What ``coatnet-export validate`` was asked to do."""
+
+    model: Path
+    """The export folder or its .onnx file."""
+    checkpoint: Path | None = None
+    """The checkpoint it was exported from (None: the seeded weights its metadata records)."""
+    images: tuple[Path, ...] = ()
+    samples: int = 3
+    gates: Gates = field(default_factory=Gates)
+    threads: int | None = None
+    runtime: str = "onnxruntime"
+    precision: str = "f32"
+
+
+@dataclass(frozen=True)
+class ValidateOutcome:
+    """Each case's comparison with the PyTorch reference."""
+
     model_path: Path
     results: list[CaseResult]
     warnings: list[str] = field(default_factory=list)
@@ -58,30 +83,25 @@ class Revalidation:
     def passed(self) -> bool:
         return all(r.passed for r in self.results)
 
-    def report(self) -> dict:
+    def rows(self) -> list[dict]:
+        return [r.as_dict() for r in self.results]
+
+    def as_dict(self) -> dict:
         return {
             "model": str(self.model_path),
             "runtime": self.runtime,
             "passed": self.passed,
-            "results": [r.as_dict() for r in self.results],
+            "results": self.rows(),
             "warnings": self.warnings,
         }
 
 
-def revalidate(
-    path: Path,
-    checkpoint: Path | None,
-    images: list[Path],
-    samples: int,
-    gates: Gates,
-    threads: int | None,
-    progress: Progress,
-    runtime: str = "onnxruntime",
-    precision: str = "f32",
-) -> Revalidation:
+def run_validate(options: ValidateOptions, progress: Progress) -> ValidateOutcome:
     """Rebuild the reference the metadata describes and compare it with the ONNX model run in
     ``runtime``."""
-    model_path = resolve_model_path(path)
+    opts = options
+    checkpoint, samples, images = opts.checkpoint, opts.samples, list(opts.images)
+    model_path = resolve_model_path(opts.model)
     metadata = metadata_of(load_proto(model_path), model_path)
     if metadata is None:
         raise InputError(
@@ -101,7 +121,7 @@ def revalidate(
         )
         state_dict = None
     else:
-        source = read_checkpoint(weights_file(checkpoint), metadata.checkpoint_format or "auto")
+        source = read_checkpoint(weights_file(checkpoint), checkpoint_format(metadata))
         spec, state_dict = plan_model(
             architecture, source, img_size, metadata.in_channels, metadata.num_classes
         )
@@ -109,6 +129,7 @@ def revalidate(
     check_memory(spec, batch or LARGE_BATCH, held, "the model is too large for this machine")
     preprocessing = metadata.preprocessing()
     warnings = []
+    progress.expect(3)
     with progress.step("building the PyTorch reference"):
         reference = load_reference(spec, state_dict, str(checkpoint), metadata.seed or 0)
         if weights_sha256(reference.model) != metadata.weights_sha256:
@@ -131,8 +152,13 @@ def revalidate(
         warnings += [f"skipped unreadable image {s}" for s in skipped]
     del reference, state_dict
     gc.collect()
-    with progress.step(f"validating {len(cases)} case(s) in {runtime}"):
+    with progress.step(f"validating {len(cases)} case(s) in {opts.runtime}"):
         results = validate_onnx(
-            model_path, cases, gates, threads=threads, runtime=runtime, precision=precision
+            model_path,
+            cases,
+            opts.gates,
+            threads=opts.threads,
+            runtime=opts.runtime,
+            precision=opts.precision,
         )
-    return Revalidation(model_path, results, warnings, runtime)
+    return ValidateOutcome(model_path, results, warnings, opts.runtime)

@@ -16,7 +16,7 @@ from coatnet_export.preprocess import Preprocessing, list_images, load_images
 from coatnet_export.runtimes import RunOptions, load_model
 
 if TYPE_CHECKING:  # torch loads when a reference runs, not when the command line starts
-    from models import CoAtNet
+    import torch
 
 
 @dataclass
@@ -182,7 +182,7 @@ def recorded_case(
     return Case(f"recorded outputs ({path.name})", x, y, RECORDED_GATES)
 
 
-def add_reference_outputs(model: CoAtNet, cases: list[Case]) -> None:
+def add_reference_outputs(model: torch.nn.Module, cases: list[Case]) -> None:
     """Fill each case's reference from the PyTorch model (before any export rewrite)."""
     import torch
 
@@ -238,9 +238,12 @@ def validate_onnx(
         raise InputError(NOTHING_TO_VALIDATE)
     options = RunOptions(threads, low_memory=low_memory, precision=precision)
     model = load_model(path, runtime, options)
-    results = [
-        compare(case.name, case.reference, model.run(case.inputs), case.gates or gates)
-        for case in cases
-    ]
+    results = []
+    for case in cases:
+        if case.reference is None:
+            raise ValueError(f"validation case {case.name} has no reference outputs")
+        results.append(
+            compare(case.name, case.reference, model.run(case.inputs), case.gates or gates)
+        )
     del model
     return results

@@ -10,7 +10,8 @@ a head that averages the whole final map. lucid's own numerics are available thr
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -133,7 +134,7 @@ def bake(module: nn.Module, table: Tensor, index: Tensor | None, bias: Tensor) -
     return compact
 
 
-def baked_or(module: nn.Module, compute) -> Tensor:
+def baked_or(module: Any, compute: Callable[[], Tensor]) -> Tensor:
     """The (1, heads, N, N) bias of a block: baked, gathered (one Gather on axis 2) from its
     baked table with the shared index, or ``compute()`` before baking."""
     if module.baked_bias is not None:
@@ -150,6 +151,7 @@ class RelativeAttention(nn.Module):
 
     QKV = "to_qkv"
     """The query-key-value projection's attribute (the export splits it in three)."""
+    relative_index: Tensor
 
     def __init__(
         self,
@@ -348,7 +350,7 @@ class TransformerStage(nn.Sequential):
     """Transformer blocks passing tokens to each other: one layout change in, one out."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return run_on_tokens(list(self), x)
+        return run_on_tokens(cast("list[Transformer]", list(self)), x)
 
 
 def _stem_block(
@@ -479,8 +481,8 @@ class CoAtNet(nn.Module):
 
     def stages(self) -> list[nn.Module]:
         """The five stages in order (S3 is the tandem stage where there is one)."""
-        s3 = self.s3_tandem if hasattr(self, "s3_tandem") else self.s3
-        return [self.s0, self.s1, self.s2, s3, self.s4]
+        s3 = "s3_tandem" if hasattr(self, "s3_tandem") else "s3"
+        return [self.get_submodule(name) for name in ("s0", "s1", "s2", s3, "s4")]
 
     def attention_blocks(self) -> list[RelativeAttention]:
         """Every relative-attention module, in forward order."""

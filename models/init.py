@@ -54,10 +54,15 @@ def init_weights(model: CoAtNet | TimmCoAtNet, seed: int) -> CoAtNet | TimmCoAtN
             normal(module.weight, 1.0, 0.1)
             normal(module.bias, 0.0, 0.1)
             if isinstance(module, nn.BatchNorm2d):
-                normal(module.running_mean, 0.0, 0.1)
-                var = torch.rand(module.running_var.shape, generator=gen)
-                module.running_var.copy_(var.add_(0.5))
-                module.num_batches_tracked.zero_()
+                mean, var, count = (
+                    module.running_mean,
+                    module.running_var,
+                    module.num_batches_tracked,
+                )
+                assert mean is not None and var is not None and count is not None  # tracked
+                normal(mean, 0.0, 0.1)
+                var.copy_(torch.rand(var.shape, generator=gen).add_(0.5))
+                count.zero_()
         elif isinstance(module, RelativeAttention):
             normal(module.relative_bias_table, 0.0, BIAS_TABLE_STD)
         elif isinstance(module, RelPosBias):

@@ -11,6 +11,7 @@ read from a checkpoint, as timm keeps them out of its state dicts.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -222,6 +223,8 @@ class ConvNeXtBlock(nn.Module):
 class RelPosBias(nn.Module):
     """A learned ((2H-1)(2W-1), heads) table of relative position biases (timm's RelPosBias)."""
 
+    relative_position_index: Tensor
+
     def __init__(self, size: tuple[int, int], heads: int) -> None:
         super().__init__()
         self.size = size
@@ -257,6 +260,8 @@ class RelPosMlp(nn.Module):
     """Relative position biases from an MLP over sign(d) ln(1 + |d|) of each offset d (timm's
     RelPosMlp, mode 'cr')."""
 
+    relative_position_index: Tensor
+
     def __init__(self, size: tuple[int, int], heads: int, hidden: int) -> None:
         super().__init__()
         self.size = size
@@ -290,7 +295,12 @@ class Attention(nn.Module):
     """The query-key-value projection's attribute (the export splits it in three)."""
 
     def __init__(
-        self, dim: int, dim_out: int, heads: int, size: tuple[int, int], rel_pos: nn.Module
+        self,
+        dim: int,
+        dim_out: int,
+        heads: int,
+        size: tuple[int, int],
+        rel_pos: RelPosBias | RelPosMlp,
     ) -> None:
         super().__init__()
         self.num_heads = heads
@@ -337,8 +347,10 @@ class Attention(nn.Module):
             return
         order = torch.arange(self.qkv.out_channels).reshape(self.num_heads, 3, DIM_HEAD)
         order = order.permute(1, 0, 2).reshape(-1)
+        bias = self.qkv.bias
+        assert bias is not None  # the qkv projection is biased
         self.qkv.weight = nn.Parameter(self.qkv.weight[order].contiguous())
-        self.qkv.bias = nn.Parameter(self.qkv.bias[order].contiguous())
+        self.qkv.bias = nn.Parameter(bias[order].contiguous())
         self.per_head = False
 
     @torch.no_grad()
@@ -346,8 +358,10 @@ class Attention(nn.Module):
         """Scale the query projection instead of the scores (after :meth:`group_qkv`)."""
         self.group_qkv()
         rows = self.num_heads * DIM_HEAD
+        bias = self.qkv.bias
+        assert bias is not None  # the qkv projection is biased
         self.qkv.weight[:rows] *= self.scale
-        self.qkv.bias[:rows] *= self.scale
+        bias[:rows] *= self.scale
         self.scale = 1.0
 
     def split_heads(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -524,7 +538,7 @@ class TimmCoAtNet(nn.Module):
                     blocks.append(ConvNeXtBlock(dim, dim_out, stride, spec.conv))
                 else:
                     blocks.append(MbConvBlock(dim, dim_out, stride, spec.conv))
-                blocks[-1].out_size = size
+                blocks[-1].out_size = size  # type: ignore[assignment]  # read back below
                 dim = dim_out
             yield Stage(blocks)
 
@@ -534,7 +548,7 @@ class TimmCoAtNet(nn.Module):
         return self.img_size[0] // factor, self.img_size[1] // factor
 
     def blocks(self) -> list[nn.Module]:
-        return [block for stage in self.stages for block in stage.blocks]
+        return [block for stage in self.stages for block in cast(Stage, stage).blocks]
 
     def attention_blocks(self) -> list[Attention]:
         """Every attention module, in forward order."""
@@ -549,7 +563,7 @@ class TimmCoAtNet(nn.Module):
                 x = block(x, size)
             else:
                 x = block(to_map(x, size) if x.ndim == 2 else x)
-            size = block.out_size
+            size = cast("tuple[int, int]", block.out_size)
         return to_tokens(x) if x.ndim == 4 else x
 
     def forward(self, x: Tensor) -> Tensor:

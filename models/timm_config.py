@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from models.config import DIM_HEAD, ConfigError, Numerics
 
@@ -159,12 +159,12 @@ class TimmSpec:
 
         if numerics != Numerics():
             raise ConfigError("timm models have exact GELU and divided scores (default numerics)")
-        size = tuple(img_size or self.img_size)
-        self.check_size(size)
+        requested = tuple(img_size or self.img_size)
+        self.check_size(requested)
         with torch.device(device or "cpu"):
-            return TimmCoAtNet(self, size, num_classes, in_channels)
+            return TimmCoAtNet(self, (requested[0], requested[1]), num_classes, in_channels)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         """Plain data, for metadata; :func:`timm_spec_from_dict` reverses it."""
         return asdict(self)
 
@@ -173,6 +173,11 @@ def make_divisible(value: float, divisor: int = 8) -> int:
     """timm's rounding of a hidden width to a multiple of ``divisor``."""
     rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
     return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+def _plain(fields: dict[str, Any]) -> dict[str, Any]:
+    """JSON lists back to tuples."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
 
 
 def timm_spec_from_dict(data: dict) -> TimmSpec:
@@ -187,9 +192,7 @@ def timm_spec_from_dict(data: dict) -> TimmSpec:
         block_types=tuple(tuple(t) for t in data["block_types"]),
         head_hidden=data.get("head_hidden"),
         img_size=tuple(data.get("img_size", (224, 224))),
-        preprocessing=Preprocessing(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in data["preprocessing"].items()}
-        ),
+        preprocessing=Preprocessing(**_plain(data["preprocessing"])),
     )
 
 
@@ -203,7 +206,7 @@ def _rw_coat(
     batch_norm: bool = False,
     layer_scale: float | None = None,
     rel_pos_mlp: int | None = None,
-) -> dict:
+) -> dict[str, Any]:
     conv = ConvBlockConfig(
         expand_output=False,
         stride_in_pool=stride_in_pool,
@@ -225,27 +228,43 @@ def _rw_coat(
     return {"conv": conv, "transformer": transformer}
 
 
-def _rw_max(stride_in_pool: bool = False, rel_pos_mlp: int | None = None) -> dict:
+def _rw_max(stride_in_pool: bool = False, rel_pos_mlp: int | None = None) -> dict[str, Any]:
     conv = ConvBlockConfig(expand_output=False, stride_in_pool=stride_in_pool, act="silu")
     transformer = TransformerBlockConfig(expand_first=False, rel_pos_mlp=rel_pos_mlp)
     return {"conv": conv, "transformer": transformer}
 
 
-def _next() -> dict:
+def _next() -> dict[str, Any]:
     conv = ConvBlockConfig(convnext=True, expand_output=False, layer_scale=1e-5)
     return {"conv": conv, "transformer": TransformerBlockConfig(expand_first=False)}
 
 
-_NANO = {"embed_dim": (64, 128, 256, 512), "depths": (3, 4, 6, 3), "stem_width": (32, 64)}
-_PICO = {**_NANO, "depths": (2, 3, 5, 2)}
-_SIZE0 = {"embed_dim": (96, 192, 384, 768), "depths": (2, 3, 7, 2), "stem_width": (32, 64)}
-_SIZE1 = {**_SIZE0, "depths": (2, 6, 14, 2)}
-_SIZE2 = {"embed_dim": (128, 256, 512, 1024), "depths": (2, 6, 14, 2), "stem_width": (64, 128)}
-_SIZE3 = {"embed_dim": (192, 384, 768, 1536), "depths": (2, 6, 14, 2), "stem_width": (96, 192)}
+_NANO: dict[str, Any] = {
+    "embed_dim": (64, 128, 256, 512),
+    "depths": (3, 4, 6, 3),
+    "stem_width": (32, 64),
+}
+_PICO: dict[str, Any] = {**_NANO, "depths": (2, 3, 5, 2)}
+_SIZE0: dict[str, Any] = {
+    "embed_dim": (96, 192, 384, 768),
+    "depths": (2, 3, 7, 2),
+    "stem_width": (32, 64),
+}
+_SIZE1: dict[str, Any] = {**_SIZE0, "depths": (2, 6, 14, 2)}
+_SIZE2: dict[str, Any] = {
+    "embed_dim": (128, 256, 512, 1024),
+    "depths": (2, 6, 14, 2),
+    "stem_width": (64, 128),
+}
+_SIZE3: dict[str, Any] = {
+    "embed_dim": (192, 384, 768, 1536),
+    "depths": (2, 6, 14, 2),
+    "stem_width": (96, 192),
+}
 _CROP_90 = Preprocessing(crop_pct=0.9)
 
 
-def _paper(embed_dim: tuple, depths: tuple, stem: int) -> dict:
+def _paper(embed_dim: tuple, depths: tuple, stem: int) -> dict[str, Any]:
     return {
         "embed_dim": embed_dim,
         "depths": depths,
@@ -299,6 +318,6 @@ TIMM_VARIANTS: dict[str, TimmSpec] = {spec.name: spec for spec in _TABLE}
 """timm's CoAtNet-family architectures, by timm's model name."""
 
 
-def scaled(spec: TimmSpec, name: str, **changes: object) -> TimmSpec:
+def scaled(spec: TimmSpec, name: str, **changes: Any) -> TimmSpec:
     """A copy of ``spec`` with other widths or depths (small configurations for tests)."""
     return replace(spec, name=name, **changes)

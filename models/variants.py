@@ -5,7 +5,7 @@ The registry is plain Python; torch loads only when a model is built.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import torch
 
     from models.coatnet import CoAtNet
+    from models.timm_coatnet import TimmCoAtNet
 
 
 class UnknownVariantError(ConfigError):
@@ -116,7 +117,10 @@ VARIANTS: dict[str, VariantSpec] = {
 }  # fmt: skip
 
 
-FAMILIES: dict[str, dict[str, VariantSpec | TimmSpec]] = {"lucid": VARIANTS, "timm": TIMM_VARIANTS}
+FAMILIES: dict[str, Mapping[str, VariantSpec | TimmSpec]] = {
+    "lucid": VARIANTS,
+    "timm": TIMM_VARIANTS,
+}
 """Every registered architecture by family: lucid's CoAtNet and timm's CoAtNet family."""
 
 
@@ -150,13 +154,13 @@ def build_variant(
     in_channels: int = 3,
     numerics: Numerics = Numerics(),
     device: str | torch.device | None = None,
-) -> CoAtNet:
+) -> CoAtNet | TimmCoAtNet:
     """Build a named variant. ``device="meta"`` allocates no weights (for counting, planning)."""
     return get_variant(name).build(img_size, num_classes, in_channels, numerics, device)
 
 
 def _factory(name: str):
-    def factory(**kwargs) -> CoAtNet:
+    def factory(**kwargs) -> CoAtNet | TimmCoAtNet:
         return build_variant(name, **kwargs)
 
     factory.__name__ = factory.__qualname__ = name

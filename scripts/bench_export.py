@@ -22,6 +22,7 @@ largest peak.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import shlex
@@ -29,6 +30,7 @@ import statistics
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +44,7 @@ from coatnet_export.bench import (
     time_interleaved,
 )
 from coatnet_export.console import Progress, render_table
+from coatnet_export.export.onnx_export import AttentionGraph
 from coatnet_export.export.pipeline import ExportOptions, run_export
 from coatnet_export.runtimes.onnxruntime import make_session
 from models import (
@@ -63,7 +66,7 @@ def seeded(name: str) -> torch.nn.Module:
     return init_weights(materialize(build_variant(name, device="meta")), 0).eval()
 
 
-def export_ours(workdir: Path, attention: str) -> Path:
+def export_ours(workdir: Path, attention: AttentionGraph) -> Path:
     outcome = run_export(
         ExportOptions(
             architecture=get_variant("coatnet_0"),
@@ -71,7 +74,7 @@ def export_ours(workdir: Path, attention: str) -> Path:
             samples=1,
             attention=attention,
         ),
-        Progress(6, enabled=False),
+        Progress(enabled=False),
     )
     return outcome.directory / "model.onnx"
 
@@ -93,8 +96,8 @@ def latency(workdir: Path, threads: int, runs: int) -> tuple[list[dict], dict]:
         for attention, path in ours.items()
     }
     sessions["onnx (plain torch.onnx.export)"] = make_session(plain_path, threads)
-    candidates = {
-        name: (lambda s=s: s.run(None, {s.get_inputs()[0].name: feed}))
+    candidates: dict[str, Callable[[], object]] = {
+        name: functools.partial(s.run, None, {s.get_inputs()[0].name: feed})
         for name, s in sessions.items()
     }
 

@@ -10,6 +10,7 @@ DequantizeLinear is single-threaded in onnxruntime's CPU provider (onnxruntime#2
 from __future__ import annotations
 
 import argparse
+import functools
 
 import numpy as np
 import onnxruntime as ort
@@ -70,9 +71,8 @@ def main() -> None:
     for op, (in_type, _, _) in OPERATORS.items():
         sessions = {threads: session(op, args.shape, threads) for threads in (1, 2)}
         feed = {"x": inputs[in_type]}
-        samples = time_interleaved(
-            {t: (lambda s=s, f=feed: s.run(None, f)) for t, s in sessions.items()}, 3, args.runs
-        )
+        runners = {t: functools.partial(s.run, None, feed) for t, s in sessions.items()}
+        samples = time_interleaved(runners, 3, args.runs)
         one, two = (float(np.median(samples[t])) * 1000 for t in (1, 2))
         rows.append({"operator": op, "ms_1_thread": one, "ms_2_threads": two, "speedup": one / two})
     print(f"one tensor of shape {args.shape} ({int(np.prod(args.shape)):,} values)")

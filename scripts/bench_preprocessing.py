@@ -39,6 +39,8 @@ def median_ms(runs: list[float]) -> float:
 def load_module(path: Path):
     """Another version of e2e.py, as a module."""
     spec = importlib.util.spec_from_file_location("compared_e2e", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"{path} is not a Python module")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)

@@ -27,6 +27,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -36,11 +37,18 @@ from coatnet_export.bench import run_measured
 from coatnet_export.console import Progress, render_table
 from coatnet_export.export.pipeline import ExportOptions, run_export
 from coatnet_export.preprocess import Preprocessing
-from coatnet_export.quantize.calibrate import SessionPlan, calibrate, image_inputs
-from coatnet_export.quantize.evaluate import agreement, latency, logits
-from coatnet_export.quantize.graph import RECIPES, prepare
-from coatnet_export.quantize.pipeline import QuantOptions, quantize_once
-from coatnet_export.quantize.presets import choose_types
+from coatnet_export.quantize import (
+    RECIPES,
+    SessionPlan,
+    agreement,
+    calibrate,
+    choose_types,
+    image_inputs,
+    latency,
+    logits,
+    prepare,
+    quantize_once,
+)
 from coatnet_export.runtimes import RUNTIMES
 from models import VARIANTS, get_variant
 
@@ -156,7 +164,7 @@ def bench_recipes(work: Path, args) -> list[dict]:
     print("exporting coatnet_0 and the digits fixture ...", file=sys.stderr)
     c0 = run_export(
         ExportOptions(architecture=get_variant("coatnet_0"), output=work / "c0", validate=False),
-        Progress(4, enabled=False),
+        Progress(enabled=False),
     ).directory
     digits = run_export(
         ExportOptions(
@@ -168,7 +176,7 @@ def bench_recipes(work: Path, args) -> list[dict]:
             crop_pct=1.0,
             validate=False,
         ),
-        Progress(4, enabled=False),
+        Progress(enabled=False),
     ).directory
     train, test = split()
     write_images(work / "digits_calibration", train[:64])
@@ -188,7 +196,8 @@ def bench_recipes(work: Path, args) -> list[dict]:
             cache = calibrate(folder / "pre.onnx", inputs, None, "minmax", plan, lambda n: None)
             prepared[model, split_attention] = folder / "pre.onnx", cache
     reference = logits(digits / "model.onnx", held_out, SessionPlan(args.threads, False, 8, False))
-    rows, c0_int8 = [], {}
+    rows: list[dict[str, Any]] = []
+    c0_int8: dict[str, Path] = {}
     for index, recipe in enumerate(RECIPES.values()):
         print(f"recipe {recipe.name} ...", file=sys.stderr)
         outputs = {}
@@ -196,7 +205,7 @@ def bench_recipes(work: Path, args) -> list[dict]:
             outputs[model] = model / f"recipe{index}.onnx"
             pre, cache = prepared[model, recipe.split_attention]
             exclude = recipe.exclusions(onnx.load(str(pre), load_external_data=False))
-            quantize_once(pre, outputs[model], QuantOptions(), choice, cache, exclude, recipe)
+            quantize_once(pre, outputs[model], choice, recipe, cache, exclude)
         c0_int8[recipe.name] = outputs[c0]
         int8 = logits(outputs[digits], held_out, SessionPlan(args.threads, False, 8, False))
         agree = agreement(reference, int8, held_out.targets)

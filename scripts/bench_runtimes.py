@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from coatnet_export.bench import LatencyStats, benchmark, describe_peaks, plan_bench
+from coatnet_export.bench import BenchOptions, LatencyStats, describe_peaks, run_bench
 from coatnet_export.console import Progress, render_table
 from coatnet_export.errors import InputError
 from coatnet_export.metadata import write_json
@@ -54,7 +54,7 @@ COLUMNS = (
 
 def cpu_model() -> str:
     """The CPU's model name, from /proc/cpuinfo, else lscpu, else the platform module."""
-    from coatnet_export.quantize.presets import read_cpu
+    from coatnet_export.quantize import read_cpu
 
     model = read_cpu()["model"]
     if model and model != platform.machine().lower():
@@ -86,13 +86,13 @@ def export_and_quantize(variant: str, work: Path, calibration: int) -> list[Path
     from bench_quantize import photo_crops
 
     from coatnet_export.export.pipeline import ExportOptions, run_export
-    from coatnet_export.quantize.pipeline import QuantOptions, run_quantize
+    from coatnet_export.quantize import QuantOptions, run_quantize
     from models import get_variant
 
     say(f"exporting {variant} (seeded weights) ...")
     outcome = run_export(
         ExportOptions(architecture=get_variant(variant), output=work / variant, samples=1),
-        Progress(6, enabled=False),
+        Progress(enabled=False),
     )
     photo_crops(work / "photos", calibration)
     for_openvino = work / f"{variant}-openvino"
@@ -101,19 +101,19 @@ def export_and_quantize(variant: str, work: Path, calibration: int) -> list[Path
     outputs = []
     for folder, runtime in ((outcome.directory, "onnxruntime"), (for_openvino, "openvino")):
         say(f"quantizing for {runtime} on {calibration} photograph crops ...")
-        output, report = run_quantize(
-            folder,
+        quantized = run_quantize(
             QuantOptions(
+                model=folder,
                 calibration_data=work / "photos",
                 samples=calibration,
                 latency_runs=5,
                 runtime=runtime,
             ),
-            lambda text: say(f"  {text}"),
+            Progress(),
         )
-        if not report.passed:
-            say(f"warning: int8 for {runtime} failed its gate ({report.gate})")
-        outputs.append(output)
+        if not quantized.passed:
+            say(f"warning: int8 for {runtime} failed its gate ({quantized.report.gate})")
+        outputs.append(quantized.model)
     return [outcome.directory, outputs[1]]
 
 
@@ -157,17 +157,22 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-runtimes-") as tmp:
         work = Path(tmp)
         models = args.models or export_and_quantize(args.variant, work, args.calibration_images)
-        plan = plan_bench(models, None, None, not args.no_torch, work, say, RUNTIMES)
-        rows, peaks = benchmark(
-            plan.targets, plan.input_shape, batches, threads, args.runs, args.warmup,
-            plan.macs_per_image, lambda text: say(f"  {text}"),
-        )  # fmt: skip
-    table = table_rows(rows)
+        options = BenchOptions(
+            models=tuple(models),
+            batches=tuple(batches),
+            threads=tuple(threads),
+            runs=args.runs,
+            warmup=args.warmup,
+            with_torch=not args.no_torch,
+            runtimes=RUNTIMES,
+        )
+        outcome = run_bench(options, Progress())
+    table = table_rows(outcome.results)
     cpu = cpu_model()
     print(render_table(table, COLUMNS))
     print(
-        f"CPU: {cpu}; model: {plan.macs_per_image * 2 / 1e9:.2f} GFLOP per image; "
-        + describe_peaks(peaks)
+        f"CPU: {cpu}; model: {outcome.gflop_per_image:.2f} GFLOP per image; "
+        + describe_peaks(outcome.peaks)
     )
     if args.json:
         write_json(
@@ -176,9 +181,7 @@ def run(args: argparse.Namespace) -> int:
                 "command": " ".join(sys.argv),
                 "cpu": cpu,
                 "versions": versions(),
-                "targets": plan.labels,
-                "matmul_gflops": {f"{t}x{b}": v for (t, b), v in peaks.items()},
-                "gflop_per_image": plan.macs_per_image * 2 / 1e9,
+                **outcome.as_dict(),
                 "results": table,
             },
         )

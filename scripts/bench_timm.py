@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from coatnet_export.bench import BenchTarget, benchmark, model_target
+from coatnet_export.bench import BenchOptions, BenchPlan, BenchTarget, benchmark, model_target
 from coatnet_export.console import Progress, render_table
 from coatnet_export.export.pipeline import ExportOptions, run_export
 from coatnet_export.metadata import write_json
@@ -48,7 +48,7 @@ def prepare(folder: Path) -> dict[str, Path]:
                 reference_outputs=folder / "io.npz",
                 samples=1,
             ),
-            Progress(6),
+            Progress(),
         )
     if not (ours / "model.int8.onnx").is_file():
         command = [sys.executable, "-m", "coatnet_export", "quantize", str(ours)]
@@ -66,9 +66,12 @@ def bench_folder(folder: Path, args: argparse.Namespace) -> list[dict]:
     paths = prepare(folder)
     targets: list[BenchTarget] = [model_target(name, path) for name, path in paths.items()]
     size = json.loads((folder / "config.json").read_text())["pretrained_cfg"]["input_size"]
-    rows, _ = benchmark(
-        targets, tuple(size), args.batch, args.threads, args.runs, args.warmup, None, print
+    shape = (int(size[0]), int(size[1]), int(size[2]))
+    plan = BenchPlan(targets, {n: str(p) for n, p in paths.items()}, shape, None)
+    options = BenchOptions(
+        batches=tuple(args.batch), threads=tuple(args.threads), runs=args.runs, warmup=args.warmup
     )
+    rows, _ = benchmark(plan, options, Progress())
     base = {(r.threads, r.batch): r.p50_ms for r in rows if r.name == BASELINE}
     return [
         {"arch": arch, **r.as_dict(), "speedup": base[r.threads, r.batch] / r.p50_ms} for r in rows

@@ -41,13 +41,14 @@ sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 from coatnet_export.console import Progress, render_table  # noqa: E402
 from coatnet_export.export.pipeline import ExportOptions, run_export  # noqa: E402
 from coatnet_export.preprocess import load_images  # noqa: E402
-from coatnet_export.quantize.pipeline import QuantOptions, run_quantize  # noqa: E402
-from coatnet_export.quantize.presets import (  # noqa: E402
+from coatnet_export.quantize import (  # noqa: E402
     PRESETS,
+    QuantOptions,
     choose_types,
     judge,
     preset_for,
     read_cpu,
+    run_quantize,
     saturates_on,
 )
 from coatnet_export.runtimes import RunOptions, load_model  # noqa: E402
@@ -110,37 +111,41 @@ def make_fixture(work: Path, images: int, say) -> dict[str, Path]:
         labels=labels,
         samples=1,
     )
-    run_export(options, Progress(6, enabled=False))
+    run_export(options, Progress(enabled=False))
     models = {"fp32": work / "export" / "model.onnx"}
     for target in PRESETS:
         folder = work / f"int8-{target}"
         shutil.copytree(work / "export", folder)
         say(f"quantizing for {target}")
         quantized = QuantOptions(
+            model=folder,
             calibration_data=work / "calibration",
             eval_data=work / "test",
             target_cpu=target,
             latency_runs=1,
         )
-        models[f"int8 for {target}"] = run_quantize(folder, quantized, lambda _: None)[0]
+        models[f"int8 for {target}"] = run_quantize(quantized, Progress(enabled=False)).model
     return models
 
 
 def gate_measurement(path: Path, images: list[Path], quantized: bool) -> np.ndarray:
     """Probabilities as the quantize gate measured them on this machine: its own kernels, or
     the QDQ graph unfused where this machine saturates and the target does not."""
-    from coatnet_export.inspect import load_proto, metadata_of
+    from coatnet_export.describe import load_proto, metadata_of
 
     metadata = metadata_of(load_proto(path), path)
+    if metadata is None:
+        raise SystemExit(f"{path} has no coatnet-export metadata")
     unfused = False
-    if quantized and metadata is not None and metadata.quantization:
+    if quantized and metadata.quantization:
         q = metadata.quantization
         choice = choose_types(
             q["target_cpu"], q["activation_type"], q["weight_type"], q["reduce_range"]
         )
         unfused = judge(choice).exact
     model = load_model(path, "onnxruntime", RunOptions(threads=1, unfused=unfused))
-    arrays = [array for _, array, _ in load_images(images, metadata.preprocessing())]
+    loaded = load_images(images, metadata.preprocessing())
+    arrays = [array for _, array, _ in loaded if array is not None]
     logits = np.concatenate(
         [model.run(np.stack(arrays[i : i + 8])) for i in range(0, len(arrays), 8)]
     )
@@ -158,7 +163,7 @@ class Runner:
 
     def command(self, args: list[str]) -> list[str]:
         e = self.emulation
-        if e.qemu is None:
+        if e.qemu is None or e.cpu is None:
             return [sys.executable, *args]
         if self.root is None:
             return [e.qemu, "-cpu", e.cpu, sys.executable, *args]
@@ -241,9 +246,12 @@ def stage(work: Path, root: Path | None) -> Path:
 def computes_as_target(cpu: str, model: Path) -> bool:
     """Whether the class ``cpu`` computes ``model`` (int8) as its target CPU does: neither
     saturates, or both do."""
-    from coatnet_export.inspect import load_proto, metadata_of
+    from coatnet_export.describe import load_proto, metadata_of
 
-    q = metadata_of(load_proto(model), model).quantization
+    metadata = metadata_of(load_proto(model), model)
+    q = metadata.quantization if metadata is not None else None
+    if q is None:
+        raise SystemExit(f"{model} is not an int8 model of coatnet-export")
     choice = choose_types(
         q["target_cpu"], q["activation_type"], q["weight_type"], q["reduce_range"]
     )

@@ -20,6 +20,7 @@ Exit codes: 0 ok, 1 no usable image, 2 bad arguments or model.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import sys
@@ -121,9 +122,10 @@ def read_cpu() -> dict:
     except OSError:  # not Linux
         pass
     try:
-        from numpy._core._multiarray_umath import __cpu_features__ as isa
+        umath = importlib.import_module("numpy._core._multiarray_umath")
     except ImportError:  # numpy < 2
-        from numpy.core._multiarray_umath import __cpu_features__ as isa
+        umath = importlib.import_module("numpy.core._multiarray_umath")
+    isa = umath.__cpu_features__
     found = {
         "amx_int8": isa.get("AVX512VNNI") and "amx_int8" in flags,
         "avx512_vnni": isa.get("AVX512VNNI"),
@@ -221,7 +223,10 @@ class OpenVinoSession:
             )
         meta = model.get_rt_info()["framework"] if model.has_rt_info("framework") else {}
         self.metadata = {key: value.astype(str) for key, value in meta.items()}
-        config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+        config: dict[str, object] = {
+            "INFERENCE_PRECISION_HINT": precision,
+            "PERFORMANCE_HINT": "LATENCY",
+        }
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         try:

@@ -64,8 +64,11 @@ def run_arch(arch: str, timm_python: str, work: Path) -> dict:
     run = subprocess.run(command, capture_output=True, text=True, env=env)
     if run.returncode != 0:
         raise SystemExit(f"{arch}: export failed\n{run.stderr[-3000:]}")
-    peak_kib = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr)[1])
+    peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr)
     wall = re.search(r"Elapsed \(wall clock\) time .*: (?:(\d+):)?(\d+):([\d.]+)", run.stderr)
+    if peak is None or wall is None:
+        raise SystemExit(f"{arch}: /usr/bin/time -v printed no peak or wall time")
+    peak_kib = int(peak[1])
     seconds = int(wall[1] or 0) * 3600 + int(wall[2]) * 60 + float(wall[3])
     report = json.loads((out / "validation.json").read_text())
     recorded = next(r for r in report["results"] if r["case"].startswith("recorded"))

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,8 +59,8 @@ SEED = 0
 
 def scales(arch: str) -> tuple[dict, dict]:
     """The changes that scale ``arch`` down: to timm's MaxxVitCfg, and to our TimmSpec."""
-    ours = {k: list(v) for k, v in SMALL.items()}
-    theirs = dict(SMALL)
+    ours: dict[str, Any] = {k: list(v) for k, v in SMALL.items()}
+    theirs: dict[str, Any] = dict(SMALL)
     if TIMM_VARIANTS[arch].head_hidden:  # paper-like: one stem width, pre-logits width
         width = SMALL["stem_width"][1]
         theirs["stem_width"], ours["stem_width"] = width, [width, width]

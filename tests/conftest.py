@@ -53,7 +53,7 @@ def export_digits(root: Path) -> dict[str, Path]:
             labels=labels,
             samples=1,
         ),
-        Progress(6, enabled=False),
+        Progress(enabled=False),
     )
     return {
         "root": root,
@@ -77,7 +77,7 @@ def export_tiny(folder: Path, **overrides) -> Path:
         "samples": 1,
         **overrides,
     }
-    run_export(ExportOptions(**options), Progress(6, enabled=False))
+    run_export(ExportOptions(**options), Progress(enabled=False))
     return folder
 
 

@@ -151,10 +151,15 @@ def test_export_validate_info_end_to_end(tmp_path: Path, run_cli) -> None:
         "validation.json",
     ]
 
-    info = run_cli("info", out, "--json")
+    info = run_cli("info", out, "--json", "-")
     assert info.code == 0
     described = json.loads(info.out)
     assert described["variant"] == VARIANT and described["outputs"] == {"logits": ["batch", 1000]}
+    to_file = run_cli("info", out, "--json", tmp_path / "info.json")
+    assert to_file.code == 0 and "field" in to_file.out  # the table, and the file beside it
+    assert json.loads((tmp_path / "info.json").read_text()) == described
+    refused = run_cli("info", out, "--json", out / "model.onnx")
+    assert refused.code == 2 and "--json" in refused.err
 
     again = run_cli("validate", out, "--samples", "1")
     assert again.code == 0, again.err
@@ -204,7 +209,7 @@ def test_version_and_help(run_cli) -> None:
 
 
 def test_variants_lists_counts(run_cli) -> None:
-    result = run_cli("variants", "--json")
+    result = run_cli("variants", "--json", "-")
     rows = json.loads(result.out)
     lucid = [r["variant"] for r in rows if r["family"] == "lucid"]
     assert lucid == [f"coatnet_{i}" for i in range(8)]

@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from coatnet_export.inspect import load_proto, metadata_of
+from coatnet_export.describe import load_proto, metadata_of
 from coatnet_export.metadata import ExportMetadata
 from coatnet_export.preprocess import Preprocessing
 from coatnet_export.quantize.pipeline import check_source

@@ -16,7 +16,8 @@ from onnx.external_data_helper import uses_external_data
 from safetensors.torch import save_file
 
 from coatnet_export.console import Progress
-from coatnet_export.export.package import write_self_contained
+from coatnet_export.describe import metadata_of
+from coatnet_export.export.external_data import write_self_contained
 from coatnet_export.export.pipeline import ExportOptions, rejected_path, run_export
 from coatnet_export.export.transforms import (
     SplitProjection,
@@ -26,7 +27,6 @@ from coatnet_export.export.transforms import (
     transpose_token_linears,
     use_onnx_attention,
 )
-from coatnet_export.inspect import metadata_of
 from coatnet_export.validate import Gates
 from models import CoAtNet, Numerics, get_variant, init_weights
 
@@ -36,7 +36,7 @@ from conftest import TINY, assert_clean_failure, listing
 def export_tiny(tmp_path: Path, **overrides) -> object:
     options = dict(architecture=TINY, output=tmp_path / "out", img_size=(64, 96), num_classes=10)
     options.update(overrides)
-    return run_export(ExportOptions(**options), Progress(6, enabled=False))
+    return run_export(ExportOptions(**options), Progress(enabled=False))
 
 
 def ops_of(path: Path) -> set[str]:
@@ -222,7 +222,7 @@ def test_coatnet_0_parity(tmp_path: Path, exporter: str) -> None:
             samples=1,
             large_batch=2,
         ),
-        Progress(6, enabled=False),
+        Progress(enabled=False),
     )
     assert outcome.passed, [r.as_dict() for r in outcome.results]
     assert outcome.graph.table_lookups == 0

@@ -65,7 +65,7 @@ def assets(tmp_path_factory) -> Assets:
             exporter="torchscript",
             samples=1,
         ),
-        Progress(6, enabled=False),
+        Progress(enabled=False),
     )
     image = folder / "photo.png"
     from PIL import Image
@@ -537,14 +537,14 @@ BOUNDARY = {
 @pytest.mark.parametrize("name", BOUNDARY)
 def test_error_boundary(name: str, tmp_path: Path, run_cli, monkeypatch) -> None:
     exc, code, fragment, prefix = BOUNDARY[name]
-    monkeypatch.setattr("coatnet_export.inspect.describe", _raise(exc))
+    monkeypatch.setattr("coatnet_export.describe.describe", _raise(exc))
     before = listing(tmp_path)
     result = run_cli("info", tmp_path)
     assert_clean_failure(result, tmp_path, before, fragment, code, prefix)
 
 
 def test_internal_error_traceback_on_request(tmp_path: Path, run_cli, monkeypatch) -> None:
-    monkeypatch.setattr("coatnet_export.inspect.describe", _raise(RuntimeError("boom")))
+    monkeypatch.setattr("coatnet_export.describe.describe", _raise(RuntimeError("boom")))
     monkeypatch.setenv("COATNET_EXPORT_DEBUG", "1")
     result = run_cli("info", tmp_path)
     assert result.code == 3 and "Traceback" in result.err

@@ -205,8 +205,10 @@ def test_bench_and_validate_side_files(case, run_cli) -> None:
 
 
 def test_checkpoint_directory_is_named_a_directory(case, run_cli) -> None:
+    """A folder as --checkpoint is read as a timm model folder (issue 22): one without weights
+    is refused with what it lacks."""
     args = ["validate", case["export"], "--checkpoint", case["photos"]]
-    check_refused(lambda: run_cli(*args), case["root"], "is a directory, not a file")
+    check_refused(lambda: run_cli(*args), case["root"], "holds no weights")
 
 
 # --- predict's file output: created folders removed, locked against a second writer -----------

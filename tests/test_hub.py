@@ -194,7 +194,7 @@ def exported_metadata(folder: Path, **options) -> ExportMetadata:
     out = folder.parent / f"export-{len(list(folder.parent.glob('export-*')))}"
     run_export(
         ExportOptions(architecture=TINY, checkpoint=folder, output=out, samples=1, **options),
-        Progress(6, enabled=False),
+        Progress(enabled=False),
     )
     props = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
     return ExportMetadata.from_props(props)

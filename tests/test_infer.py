@@ -76,7 +76,7 @@ def export_dir(tmp_path_factory) -> Path:
             labels=LABELS,
             samples=1,
         ),
-        Progress(6, enabled=False),
+        Progress(enabled=False),
     )
     return out
 
@@ -174,7 +174,7 @@ def test_fixed_batch_model_pads_the_last_batch(tmp_path: Path, images: Path) -> 
         ExportOptions(
             architecture=TINY, output=out, img_size=(64, 64), num_classes=10, batch=3, samples=1
         ),
-        Progress(6, enabled=False),
+        Progress(enabled=False),
     )
     result = run_without_torch(out, images, "--json")
     assert result.returncode == 0, result.stderr

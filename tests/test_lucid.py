@@ -49,7 +49,7 @@ def test_lucid_checkpoint_matches_lucid_outputs(tmp_path: Path, run_cli, checkpo
     assert len(recorded) == 1
     assert recorded[0]["max_rel"] <= 1e-5 and recorded[0]["top1"] == 1.0
     assert recorded[0]["max_abs"] > 0
-    info = json.loads(run_cli("info", tmp_path / "out", "--json").out)
+    info = json.loads(run_cli("info", tmp_path / "out", "--json", "-").out)
     assert info["checkpoint_format"] == "lucid"
     assert info["numerics"] == {"gelu_tanh": True, "maxpool_zero_pad": True, "scale_multiply": True}
     assert info["img_size"] == [64, 64] and info["num_classes"] == 10

@@ -117,7 +117,7 @@ def test_variants_command_computes_without_torch() -> None:
         "import atexit, sys; "
         "atexit.register(lambda: print(sorted(m for m in ('torch', 'onnx', 'onnxruntime') "
         "if m in sys.modules), file=sys.stderr)); "
-        "from coatnet_export.cli import main; main(['variants', '--json'])"
+        "from coatnet_export.cli import main; main(['variants', '--json', '-'])"
     )
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}

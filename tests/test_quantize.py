@@ -15,8 +15,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from coatnet_export.console import Progress
+from coatnet_export.describe import metadata_of
 from coatnet_export.export.pipeline import ExportOptions, run_export
-from coatnet_export.inspect import metadata_of
 from coatnet_export.quantize.graph import (
     DEFAULT_RECIPE,
     OPENVINO_RECIPE,
@@ -262,6 +262,22 @@ def test_recipe_option_picks_the_layout(
     assert refused.code == 2 and "--recipe is for static quantization" in refused.err
 
 
+def test_recipe_of_onnxruntimes_default_op_set(tmp_path: Path, digits, run_cli) -> None:
+    """``--recipe onnxruntime-ops`` names no op types (onnxruntime picks them): the report
+    records none instead of failing on them (it was an internal error)."""
+    export = fresh_export(digits, tmp_path)
+    result = run_cli(
+        "quantize", export, "--calibration-data", digits["calibration"], "--eval-data",
+        digits["test"], "--latency-runs", "2", "--recipe", "onnxruntime-ops",
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    report = json.loads((export / "quantization.json").read_text())
+    assert report["recipe"] == RECIPES["onnxruntime-ops"].name
+    assert report["quantized_ops"] == []
+    int8 = onnx.load(str(export / "model.int8.onnx"), load_external_data=False)
+    assert any(n.op_type == "QuantizeLinear" for n in int8.graph.node)
+
+
 def test_infer_script_runs_the_int8_model(tmp_path: Path, digits) -> None:
     from test_infer import run_without_torch
 
@@ -348,7 +364,7 @@ def test_bad_quantization_inputs(tmp_path: Path, digits, run_cli, monkeypatch) -
         (["quantize", export, "--calibration-data", tmp_path / "nowhere"], "not a directory"),
         (["quantize", export, "--calibration-data", empty], "no usable image"),
         (["quantize", export, "--calibration-data", junk], "no usable image in"),
-        (["quantize", bare, "--random-calibration"], "pass --size H W, --mean and --std"),
+        (["quantize", bare, "--random-calibration"], "pass --img-size H W, --mean and --std"),
     ]
     for args, fragment in cases:
         before = listing(tmp_path)
@@ -374,7 +390,7 @@ def test_bad_quantization_inputs(tmp_path: Path, digits, run_cli, monkeypatch) -
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("coatnet_export.quantize.pipeline.tempfile.mkdtemp", refuse)
+    monkeypatch.setattr("coatnet_export.quantize.outputs.tempfile.mkdtemp", refuse)
     before = listing(tmp_path)
     unwritable = run_cli("quantize", export, "--random-calibration")
     assert unwritable.code == 2 and "is not writable" in unwritable.err
@@ -410,7 +426,7 @@ def external_export(digits: dict[str, Path], tmp_path: Path) -> Path:
             validate=False,
             external_data_threshold=10_000,
         ),
-        Progress(4, enabled=False),
+        Progress(enabled=False),
     ).directory
 
 

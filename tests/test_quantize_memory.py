@@ -15,9 +15,9 @@ import pytest
 from onnx.external_data_helper import uses_external_data
 
 from coatnet_export.console import Progress
-from coatnet_export.export import package
+from coatnet_export.export import external_data
 from coatnet_export.export.pipeline import ExportOptions, run_export
-from coatnet_export.quantize import pipeline
+from coatnet_export.quantize import source as quantize_source
 from coatnet_export.quantize.calibrate import coarsen
 
 from conftest import TINY
@@ -53,7 +53,7 @@ def tiny_224(tmp_path_factory) -> Path:
         num_classes=10,
         validate=False,
     )
-    return run_export(options, Progress(4, enabled=False)).directory / "model.onnx"
+    return run_export(options, Progress(enabled=False)).directory / "model.onnx"
 
 
 def calibration_peak(model: Path, count: int, method: str) -> int:
@@ -81,8 +81,8 @@ def test_large_model_path_external_data_in_and_out(
 ) -> None:
     """With the external-data threshold lowered, a model with external weights quantizes into
     an int8 model with external weights, in low-memory sessions, and agrees with fp32."""
-    monkeypatch.setattr(package, "EXTERNAL_DATA_THRESHOLD", 10_000)
-    monkeypatch.setattr(pipeline, "LOW_MEMORY_BYTES", 0)
+    monkeypatch.setattr(external_data, "EXTERNAL_DATA_THRESHOLD", 10_000)
+    monkeypatch.setattr(quantize_source, "LOW_MEMORY_BYTES", 0)
     export = run_export(
         ExportOptions(
             architecture=TINY,
@@ -92,7 +92,7 @@ def test_large_model_path_external_data_in_and_out(
             validate=False,
             external_data_threshold=10_000,
         ),
-        Progress(4, enabled=False),
+        Progress(enabled=False),
     ).directory
     assert (export / "model.onnx.data").is_file()
     result = run_cli("quantize", export, "--random-calibration", "--calibration-samples", "4")
@@ -121,7 +121,7 @@ def test_large_model_path_external_data_in_and_out(
     assert not list(export.glob(".quantize-*"))
 
     # quantized again above a threshold it does not reach: one file, the stale .data removed
-    monkeypatch.setattr(package, "EXTERNAL_DATA_THRESHOLD", 1_900_000_000)
+    monkeypatch.setattr(external_data, "EXTERNAL_DATA_THRESHOLD", 1_900_000_000)
     again = run_cli("quantize", export, "--random-calibration", "--calibration-samples", "4")
     assert again.code == 0, again.err
     assert not (export / "model.int8.onnx.data").exists()

@@ -14,8 +14,8 @@ import pytest
 from onnx import numpy_helper
 
 from coatnet_export.console import Progress
+from coatnet_export.describe import describe, metadata_of
 from coatnet_export.export.pipeline import ExportOptions, run_export
-from coatnet_export.inspect import describe, metadata_of
 from coatnet_export.quantize import presets
 from coatnet_export.quantize.presets import PRESETS, choose_types, int8_warnings
 
@@ -33,7 +33,7 @@ def seeded(tmp_path_factory) -> Path:
     options = ExportOptions(
         architecture=TINY, output=root / "tiny", img_size=(64, 64), num_classes=10, samples=1
     )
-    return run_export(options, Progress(6, enabled=False)).directory
+    return run_export(options, Progress(enabled=False)).directory
 
 
 def fresh(seeded: Path, tmp_path: Path) -> Path:
@@ -214,7 +214,7 @@ def test_fixed_batch_model_quantizes(tmp_path: Path, run_cli) -> None:
         architecture=TINY, output=tmp_path / "fixed", img_size=(64, 64), num_classes=10,
         batch=3, validate=False,
     )  # fmt: skip
-    export = run_export(options, Progress(4, enabled=False)).directory
+    export = run_export(options, Progress(enabled=False)).directory
     result = run_cli("quantize", export, *FAST, "--calibration-samples", "4")
     assert result.code == 0, result.err
     report = json.loads((export / "quantization.json").read_text())

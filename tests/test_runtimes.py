@@ -16,9 +16,9 @@ import pytest
 
 from coatnet_export.cli import main
 from coatnet_export.console import Progress
+from coatnet_export.describe import load_proto, metadata_of
 from coatnet_export.errors import InputError
 from coatnet_export.export.pipeline import ExportOptions, run_export
-from coatnet_export.inspect import load_proto, metadata_of
 from coatnet_export.preprocess import list_images, load_images
 from coatnet_export.quantize.graph import OPENVINO_RECIPE
 from coatnet_export.runtimes import RunOptions, load_model
@@ -62,7 +62,7 @@ def digits(tmp_path_factory) -> dict[str, Path]:
         crop_pct=1.0,
         samples=1,
     )
-    run_export(options, Progress(6, enabled=False))
+    run_export(options, Progress(enabled=False))
     quantized = cli(
         "quantize", export, "--calibration-data", root / "calibration", "--eval-data",
         root / "test", "--latency-runs", "5",

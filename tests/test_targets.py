@@ -17,8 +17,8 @@ from PIL import Image
 
 from coatnet_export.cli import main
 from coatnet_export.console import Progress
+from coatnet_export.describe import describe, load_proto, metadata_of
 from coatnet_export.export.pipeline import ExportOptions, run_export
-from coatnet_export.inspect import describe, load_proto, metadata_of
 from coatnet_export.metadata import record_artefacts, write_props
 from coatnet_export.preprocess import Preprocessing
 from coatnet_export.targets.e2e import (
@@ -120,7 +120,7 @@ def tiny(tmp_path_factory) -> Path:
             samples=1,
             external_data_threshold=0,
         ),
-        Progress(6, enabled=False),
+        Progress(enabled=False),
     )
     return export
 
@@ -282,7 +282,7 @@ def test_e2e_of_an_opset_17_export(tmp_path: Path, photos: Path, run_cli) -> Non
             architecture=TINY, output=export, img_size=(32, 32), num_classes=4, samples=1,
             exporter="torchscript", interpolation="bilinear", crop_pct=0.9,
         ),
-        Progress(6, enabled=False),
+        Progress(enabled=False),
     )  # fmt: skip
     result = run_cli("package", export, "--target", "e2e", "--check-images", photos)
     assert result.code == 0, result.err
@@ -329,7 +329,7 @@ def test_info_lists_every_artefact(digits: dict[str, Path], tmp_path: Path, run_
     export = copy_of(digits["export"], tmp_path)
     assert run_cli("package", export, "--target", "ort", "--ort-models", "int8").code == 0
     (export / "notes.txt").write_text("mine")
-    result = run_cli("info", export, "--json")
+    result = run_cli("info", export, "--json", "-")
     assert result.code == 0, result.err
     found = json.loads(result.out)["artefacts"]
     assert set(found) == {

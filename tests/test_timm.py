@@ -123,7 +123,7 @@ def export_fixture(name: str, out: Path, **options) -> object:
             samples=1,
             **options,
         ),
-        Progress(6, enabled=False),
+        Progress(enabled=False),
     )
 
 
@@ -170,7 +170,7 @@ def test_large_biases_are_stored_as_tables_with_a_shared_index(tmp_path: Path, m
             checkpoint=FIXTURES / "coatnet_rmlp_1_rw.safetensors",
             samples=2,
         ),
-        Progress(6, enabled=False),
+        Progress(enabled=False),
     )
     assert outcome.passed
     model = onnx.load(str(outcome.directory / "model.onnx"))

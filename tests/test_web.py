@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 
 from coatnet_export.errors import InputError
-from coatnet_export.targets import PackageRequest
+from coatnet_export.targets import PackageOptions
 from coatnet_export.targets.web import ORT_FILES, build, write_site
 
 from conftest import TINY_LABELS, export_tiny
@@ -295,12 +295,16 @@ def test_bad_input_names_the_fix_and_writes_nothing(exports, tmp_path: Path) -> 
 def test_package_target_builds_the_site_into_output(exports, tmp_path: Path) -> None:
     cdn = "https://cdn.example.org/onnxruntime-web/dist/"
     with pytest.raises(InputError, match="give --output SITE"):
-        build(PackageRequest(exports["export"], None, options={"ort_web_cdn": cdn}))
+        build(
+            PackageOptions(target="web", export_dir=exports["export"], options={"ort_web_cdn": cdn})
+        )
     site = tmp_path / "site"
     options = {"web_model": "fp32", "ort_web_dir": None, "ort_web_cdn": cdn}
-    result = build(PackageRequest(exports["export"], site, options=options))
+    result = build(
+        PackageOptions(target="web", export_dir=exports["export"], output=site, options=options)
+    )
     assert result.files == [site]
-    assert [(row["model"], row["default"]) for row in result.rows] == [
+    assert [(row["model"], row["default"]) for row in result.table] == [
         ("int8", False),
         ("fp32", True),
     ]

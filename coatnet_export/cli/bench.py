@@ -6,10 +6,15 @@ from pathlib import Path
 
 import click
 
-from coatnet_export.cli.options import THREADS, runtime_options
-from coatnet_export.console import render_table
-from coatnet_export.errors import writing
-from coatnet_export.metadata import write_json
+from coatnet_export.cli.options import (
+    THREADS,
+    check_json_path,
+    img_size_option,
+    json_option,
+    runtime_options,
+    write_json_to,
+)
+from coatnet_export.console import Progress, render_table
 
 
 @click.command()
@@ -19,13 +24,7 @@ from coatnet_export.metadata import write_json
     help="Also time this variant in PyTorch eager (seeded weights); "
     "without MODELS, it is exported to a temporary fp32 ONNX model first.",
 )
-@click.option(
-    "--img-size",
-    type=(int, int),
-    default=None,
-    metavar="H W",
-    help="Resolution for --variant [default: the models' or 224 224].",
-)
+@img_size_option("Resolution for --variant [default: the models' or 224 224].")
 @click.option(
     "--batch",
     "batches",
@@ -58,12 +57,7 @@ from coatnet_export.metadata import write_json
     help="Include PyTorch eager.",
 )
 @runtime_options(multiple=True)
-@click.option(
-    "--json",
-    "json_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="Also write the results to this JSON file.",
-)
+@json_option("the results")
 def bench(
     models,
     variant,
@@ -83,75 +77,35 @@ def bench(
     both taken); each runs in every --runtime. Runs are interleaved across targets, after
     warm-up, each runtime as deployed (onnxruntime's worker threads spin between operators).
     """
-    import os
-    import tempfile
-
-    from coatnet_export.bench import benchmark, describe_peaks, plan_bench
+    from coatnet_export.bench import BENCH_COLUMNS, BenchOptions, describe_peaks, run_bench
     from coatnet_export.runtimes import check_runtime
 
-    runtimes = tuple(dict.fromkeys(runtimes))
-    for runtime in runtimes:
+    options = BenchOptions(
+        models=tuple(models),
+        variant=variant,
+        img_size=img_size,
+        batches=tuple(batches),
+        threads=tuple(threads),
+        runs=runs,
+        warmup=warmup,
+        with_torch=with_torch,
+        runtimes=tuple(dict.fromkeys(runtimes)),
+        precision=precision,
+    )
+    for runtime in options.runtimes:
         check_runtime(runtime, precision if runtime == "openvino" else "f32")
     if json_path:
-        from coatnet_export.output import check_side_file
-
-        check_side_file(json_path, "--json", models)  # before the benchmark, not after it
-    thread_counts = list(threads) or sorted({1, os.cpu_count() or 1})
-    with tempfile.TemporaryDirectory() as workdir:
-        plan = plan_bench(
-            list(models),
-            variant,
-            img_size,
-            with_torch,
-            Path(workdir),
-            lambda text: click.echo(text, err=True),
-            runtimes,
-            precision,
-            max(batches),
-        )
-        rows, peaks = benchmark(
-            plan.targets,
-            plan.input_shape,
-            list(batches),
-            thread_counts,
-            runs,
-            warmup,
-            plan.macs_per_image,
-            lambda text: click.echo(f"  {text}", err=True),
-        )
-    table = [r.as_dict() for r in rows]
+        check_json_path(json_path, list(models))  # before the benchmark, not after it
+    outcome = run_bench(options, Progress())
+    if json_path:
+        write_json_to(json_path, outcome.as_dict())
+        if str(json_path) == "-":
+            return
+    click.echo(render_table(outcome.rows(), BENCH_COLUMNS))
     click.echo(
-        render_table(
-            table,
-            (
-                "name",
-                "runtime",
-                "threads",
-                "batch",
-                "p50_ms",
-                "p90_ms",
-                "p99_ms",
-                "images_per_s",
-                "gflops_per_s",
-                "pct_of_peak",
-            ),
-        )
+        f"model: {outcome.gflop_per_image:.2f} GFLOP per image; {describe_peaks(outcome.peaks)}"
     )
-    click.echo(
-        f"model: {plan.macs_per_image * 2 / 1e9:.2f} GFLOP per image; {describe_peaks(peaks)}"
-    )
-    if any("int8" in row["name"] for row in table):
-        from coatnet_export.quantize.presets import fastest_int8
+    if any("int8" in row.name for row in outcome.results):
+        from coatnet_export.quantize import fastest_int8
 
         click.echo(f"note: {fastest_int8()}")
-    if json_path:
-        with writing(json_path, "--json"):
-            write_json(
-                json_path,
-                {
-                    "targets": plan.labels,
-                    "results": table,
-                    "matmul_gflops": {f"{t}x{b}": v for (t, b), v in peaks.items()},
-                    "gflop_per_image": plan.macs_per_image * 2 / 1e9,
-                },
-            )

@@ -16,7 +16,7 @@ from coatnet_export.cli.options import (
     read_labels,
     validation_inputs_options,
 )
-from coatnet_export.cli.quantize import run_and_show_quantize
+from coatnet_export.cli.quantize import quantize_and_show
 from coatnet_export.console import Progress, render_table
 from coatnet_export.errors import GateFailed, InputError
 from coatnet_export.export.onnx_export import ATTENTION_GRAPHS, EXPORTERS
@@ -155,9 +155,9 @@ def export(**kw) -> None:
             "--checkpoint to read the architecture from"
         )
     if kw["quantize_mode"]:  # refuse bad quantization options before the export's work
-        from coatnet_export.quantize.pipeline import check_options
+        from coatnet_export.quantize import check_options
 
-        check_options(quant_options_from(kw, kw["quantize_mode"]))
+        check_options(quant_options_from(kw, kw["quantize_mode"], None))
     options = ExportOptions(
         architecture=get_variant(kw["variant"]) if kw["variant"] else None,
         output=kw["output"] or (Path(kw["variant"]) if kw["variant"] else None),
@@ -186,11 +186,9 @@ def export(**kw) -> None:
         force=kw["force"],
         report=kw["report"],
     )
-    outcome = run_export(
-        options, Progress(total=6 if options.validate else 4, enabled=not kw["quiet"])
-    )
+    outcome = run_export(options, Progress(enabled=not kw["quiet"]))
     if outcome.results:
-        click.echo(render_table([r.as_dict() for r in outcome.results], RESULT_COLUMNS))
+        click.echo(render_table(outcome.rows(), RESULT_COLUMNS))
     sizes = ", ".join(
         f"{name} {(outcome.directory / name).stat().st_size / 2**20:.1f} MiB"
         for name in outcome.graph.files
@@ -218,4 +216,5 @@ def export(**kw) -> None:
     click.echo(f"{status} in {outcome.timings['total_s']:.1f} s -> {outcome.directory}")
     if kw["quantize_mode"]:
         click.echo(f"\nquantizing ({kw['quantize_mode']}):")
-        run_and_show_quantize(outcome.directory, quant_options_from(kw, kw["quantize_mode"]))
+        quantized = quant_options_from(kw, kw["quantize_mode"], outcome.directory)
+        quantize_and_show(quantized, Progress(enabled=not kw["quiet"]))

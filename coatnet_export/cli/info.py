@@ -2,38 +2,31 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
+from coatnet_export.cli.options import check_json_path, json_option, write_json_to
 from coatnet_export.console import render_table
 
 
 @click.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def info(model: Path, as_json: bool) -> None:
+@json_option("the description")
+def info(model: Path, json_path: Path | None) -> None:
     """Show what an export holds: metadata, inputs, outputs, size, and every artefact."""
-    from coatnet_export.inspect import describe
+    from coatnet_export.describe import InfoOptions, run_info
 
-    description = describe(model)
-    for warning in description.get("int8_cpu_warnings", []):
+    if json_path is not None:
+        check_json_path(json_path, [model])
+    outcome = run_info(InfoOptions(model=model))
+    for warning in outcome.warnings:
         click.echo(f"warning: {warning}", err=True)
-    if as_json:
-        click.echo(json.dumps(description, indent=2))
-        return
-    artefacts = description.pop("artefacts", {})
-    rows = [
-        {"field": k, "value": json.dumps(v) if isinstance(v, (list, dict)) else v}
-        for k, v in description.items()
-    ]
-    click.echo(render_table(rows, ("field", "value")))
-    if artefacts:
+    if json_path is not None:
+        write_json_to(json_path, outcome.as_dict())
+        if str(json_path) == "-":
+            return
+    click.echo(render_table(outcome.rows(), ("field", "value")))
+    if outcome.artefacts:
         click.echo("\nartefacts:")
-        click.echo(
-            render_table(
-                [{"file": name, "what it is for": what} for name, what in artefacts.items()],
-                ("file", "what it is for"),
-            )
-        )
+        click.echo(render_table(outcome.artefact_rows(), ("file", "what it is for")))

@@ -18,7 +18,7 @@ from coatnet_export.runtimes import RUNTIMES
 from coatnet_export.runtimes.openvino import PRECISIONS
 
 if TYPE_CHECKING:
-    from coatnet_export.quantize.pipeline import QuantOptions
+    from coatnet_export.quantize import QuantOptions
 
 
 class BatchType(click.ParamType):
@@ -266,10 +266,12 @@ def quantize_options(func):
     return func
 
 
-def quant_options_from(kw: dict, mode: str) -> QuantOptions:
-    from coatnet_export.quantize.pipeline import QuantOptions
+def quant_options_from(kw: dict, mode: str, model: Path | None, **more) -> QuantOptions:
+    """The quantize options of :func:`quantize_options`' values in ``kw``, for ``model``."""
+    from coatnet_export.quantize import QuantOptions
 
     return QuantOptions(
+        model=model,
         mode=mode,
         calibration_data=kw["calibration_data"],
         random_calibration=kw["random_calibration"],
@@ -285,8 +287,54 @@ def quant_options_from(kw: dict, mode: str) -> QuantOptions:
         min_cosine=kw["min_cosine"],
         max_fallback_steps=kw["max_fallback_steps"],
         threads=kw.get("threads"),
-        recipe_key=kw["recipe"],
+        recipe=kw["recipe"],
         dynamic_hint="--quantize dynamic" if "quantize_mode" in kw else "--mode dynamic",
+        **more,
+    )
+
+
+def json_option(what: str = "the results"):
+    """``--json FILE``: every command writes its outcome to a JSON file (``-``: stdout)."""
+    return click.option(
+        "--json",
+        "json_path",
+        type=click.Path(path_type=Path, dir_okay=False, allow_dash=True),
+        help=f"Also write {what} to this JSON file ('-': print it instead of the table).",
+    )
+
+
+def check_json_path(
+    path: Path, inputs: list[Path], outputs: list[tuple[str, Path]] | None = None
+) -> None:
+    """``--json``'s file, checked before the work (``-``, stdout, needs no check)."""
+    if str(path) == "-":
+        return
+    from coatnet_export.output import check_side_file
+
+    check_side_file(path, "--json", inputs, outputs or [])
+
+
+def write_json_to(path: Path, data: dict | list) -> None:
+    """``--json``'s file (``-``: stdout), written through output.py's staging."""
+    from coatnet_export.errors import writing
+    from coatnet_export.metadata import write_json
+
+    if str(path) == "-":
+        click.echo(json.dumps(data, indent=2))
+        return
+    with writing(path, "--json"):
+        write_json(path, data)
+
+
+def img_size_option(help: str, default: tuple[int, int] | None = None):
+    """``--img-size H W``: the one spelling of the image size in every command."""
+    return click.option(
+        "--img-size",
+        type=(SizeType(), SizeType()),
+        default=default,
+        show_default=default is not None,
+        metavar="H W",
+        help=help,
     )
 
 

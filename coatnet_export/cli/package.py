@@ -7,11 +7,10 @@ from typing import Any
 
 import click
 
-from coatnet_export.cli.options import THREADS
+from coatnet_export.cli.options import THREADS, check_json_path, write_json_to
 from coatnet_export.console import render_table
-from coatnet_export.errors import InputError, writing
-from coatnet_export.metadata import write_json
-from coatnet_export.targets import TARGETS, PackageRequest, PackageResult
+from coatnet_export.errors import InputError
+from coatnet_export.targets import TARGETS, PackageOptions, PackageOutcome, run_package
 
 TARGET_OPTIONS: dict[str, str] = {}
 """Each target-specific option's parameter name -> the target that reads it."""
@@ -48,9 +47,10 @@ def target_option(target: str, *decls: str, **attrs: Any):
 @click.option(
     "--json",
     "json_file",
-    type=click.Path(path_type=Path),
+    type=click.Path(path_type=Path, allow_dash=True),
     default=None,
-    help="Also write what was built (files, table, notes) to this JSON file.",
+    help="Also write what was built (files, table, notes) to this JSON file ('-': print it "
+    "instead of the table).",
 )
 @click.option("--threads", type=THREADS, default=None, help="onnxruntime threads.")
 @target_option(
@@ -150,15 +150,11 @@ def package(
       web     a static site that classifies in the browser (onnxruntime-web), to --output
       triton  a Triton Inference Server model repository, to --output
     """
-    target = TARGETS.get(target_name)
-    if target is None:
-        raise InputError(
-            f"unknown target {target_name!r} (choose one of {', '.join(sorted(TARGETS))})"
-        )
     foreign = [
         f"--{name.replace('_', '-')} ({owner})"
         for name, owner in TARGET_OPTIONS.items()
-        if owner != target_name
+        if target_name in TARGETS  # an unknown target: run_package says so
+        and owner != target_name
         and ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
     ]
     if foreign:
@@ -168,13 +164,12 @@ def package(
         )
     own = {k: v for k, v in options.items() if TARGET_OPTIONS.get(k, target_name) == target_name}
     if json_file is not None:  # before the target publishes anything
-        from coatnet_export.output import check_side_file
-
         outputs = [("--output", output)] if output is not None else []
-        check_side_file(json_file, "--json", [export_dir, *package_inputs(own)], outputs)
-    request = PackageRequest(export_dir, output, force, own)
-    result = target.build(request)
-    show(target_name, result, json_file)
+        check_json_path(json_file, [export_dir, *package_inputs(own)], outputs)
+    request = PackageOptions(
+        target=target_name, export_dir=export_dir, output=output, force=force, options=own
+    )
+    show(run_package(request), json_file)
 
 
 def package_inputs(options: dict[str, Any]) -> list[Path]:
@@ -182,23 +177,17 @@ def package_inputs(options: dict[str, Any]) -> list[Path]:
     return [*options.get("check_images", ()), *filter(None, [options.get("ort_web_dir")])]
 
 
-def show(target_name: str, result: PackageResult, json_file: Path | None) -> None:
-    """Print the result's table, files and notes; write them as JSON when asked."""
-    if result.rows:
-        columns = list(dict.fromkeys(key for row in result.rows for key in row))
-        click.echo(render_table(result.rows, columns))
-    for path in result.files:
-        click.echo(f"wrote {path}")
-    for note in result.notes:
-        click.echo(f"note: {note}")
+def show(outcome: PackageOutcome, json_file: Path | None) -> None:
+    """Print the outcome's table, files and notes; write them as JSON when asked."""
     if json_file is not None:
-        with writing(json_file, "--json"):
-            write_json(
-                json_file,
-                {
-                    "target": target_name,
-                    "files": [str(p) for p in result.files],
-                    "rows": result.rows,
-                    "notes": result.notes,
-                },
-            )
+        write_json_to(json_file, outcome.as_dict())
+        if str(json_file) == "-":
+            return
+    rows = outcome.rows()
+    if rows:
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        click.echo(render_table(rows, columns))
+    for path in outcome.files:
+        click.echo(f"wrote {path}")
+    for note in outcome.notes:
+        click.echo(f"note: {note}")

@@ -6,10 +6,8 @@ from pathlib import Path
 
 import click
 
-from coatnet_export.cli.options import THREADS
-from coatnet_export.console import render_table
-from coatnet_export.errors import writing
-from coatnet_export.metadata import write_json
+from coatnet_export.cli.options import THREADS, check_json_path, json_option, write_json_to
+from coatnet_export.console import Progress, render_table
 
 SUMMARY_COLUMNS = (
     "engine",
@@ -65,12 +63,7 @@ SUMMARY_COLUMNS = (
 @click.option("--resume", is_flag=True, help="Keep the output's rows and skip their images.")
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 @click.option("--address", help="An existing Ray cluster (ray engine) [default: start one].")
-@click.option(
-    "--json",
-    "json_path",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="Also write the summary to this JSON file.",
-)
+@json_option("the summary")
 def predict(
     export: Path,
     inputs: tuple[str, ...],
@@ -108,14 +101,15 @@ def predict(
         force=force,
         address=address,
     )
-    if json_path:  # before the predictions are published
-        from coatnet_export.output import check_apart, check_side_file
+    if json_path and str(json_path) != "-":  # before the predictions are published
+        from coatnet_export.output import check_apart
 
-        check_side_file(json_path, "--json", [export], [("--output", output)])
+        check_json_path(json_path, [export], [("--output", output)])
         check_apart(json_path, "--json", scanned=image_inputs(options))
-    summary = run_predict(options)
-    click.echo(render_table([summary], SUMMARY_COLUMNS))
+    outcome = run_predict(options, Progress())
     if json_path:
-        with writing(json_path, "--json"):
-            write_json(json_path, summary)
+        write_json_to(json_path, outcome.as_dict())
+        if str(json_path) == "-":
+            return
+    click.echo(render_table(outcome.rows(), SUMMARY_COLUMNS))
     click.echo(f"predictions -> {output}")

@@ -10,39 +10,52 @@ import click
 from coatnet_export.cli.options import (
     THREADS,
     FloatListType,
+    SizeType,
+    check_json_path,
+    img_size_option,
+    json_option,
     quant_options_from,
     quantize_options,
     runtime_options,
+    write_json_to,
 )
-from coatnet_export.console import render_table
+from coatnet_export.console import Progress, render_table
 from coatnet_export.errors import GateFailed
 from coatnet_export.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 if TYPE_CHECKING:
-    from coatnet_export.quantize.pipeline import QuantOptions
+    from coatnet_export.quantize import QuantOptions, QuantOutcome
 
 
-def run_and_show_quantize(
-    target: Path, options: QuantOptions, preprocessing: Preprocessing | None = None
+def quantize_and_show(
+    options: QuantOptions, progress: Progress, json_path: Path | None = None
 ) -> None:
-    from coatnet_export.quantize.pipeline import run_quantize
+    """Run the quantization, write ``--json``, print the table and notes (``--json -``: the
+    JSON instead); a failed gate exits 1."""
+    from coatnet_export.quantize import run_quantize
 
-    output, report = run_quantize(
-        target, options, lambda text: click.echo(f"  {text}", err=True), preprocessing
-    )
-    click.echo(render_table(report.summary_rows(), ("metric", "value")))
-    if report.lowest_sqnr:
-        click.echo("\nlowest SQNR activations (dB):")
-        click.echo(render_table(report.lowest_sqnr, ("tensor", "sqnr_db")))
+    outcome = run_quantize(options, progress)
+    if json_path is not None:
+        write_json_to(json_path, outcome.as_dict())
+    show(outcome, table=json_path is None or str(json_path) != "-")
+
+
+def show(outcome: QuantOutcome, table: bool) -> None:
+    report = outcome.report
+    if table:
+        click.echo(render_table(outcome.rows(), ("metric", "value")))
+        if report.lowest_sqnr:
+            click.echo("\nlowest SQNR activations (dB):")
+            click.echo(render_table(report.lowest_sqnr, ("tensor", "sqnr_db")))
     for note in report.notes:
-        click.echo(f"note: {note}")
+        click.echo(f"note: {note}", err=not table)
     gate = report.gate
-    if not report.passed:
+    if not outcome.passed:
         raise GateFailed(
             f"int8 {gate['metric']} {gate['value']:.4f} is below the gate {gate['threshold']}; "
-            f"{output} is written for inspection but should not be deployed"
+            f"{outcome.model} is written for inspection but should not be deployed"
         )
-    click.echo(f"int8 model -> {output}")
+    click.echo(f"int8 model -> {outcome.model}", err=not table)
 
 
 @click.command()
@@ -51,15 +64,10 @@ def run_and_show_quantize(
     "--mode", type=click.Choice(["static", "dynamic"]), default="static", show_default=True
 )
 @quantize_options
-@click.option(
-    "--size",
-    type=(int, int),
-    default=None,
-    metavar="H W",
-    help="Preprocessing size, for a model without coatnet-export metadata.",
-)
-@click.option("--mean", type=FloatListType(), default=None, help="With --size.")
-@click.option("--std", type=FloatListType(), default=None, help="With --size.")
+@img_size_option("Preprocessing size, for a model without coatnet-export metadata.")
+@click.option("--size", "size_alias", type=(SizeType(), SizeType()), default=None, hidden=True)
+@click.option("--mean", type=FloatListType(), default=None, help="With --img-size.")
+@click.option("--std", type=FloatListType(), default=None, help="With --img-size.")
 @click.option("--threads", type=THREADS, default=None)
 @click.option(
     "--latency-runs",
@@ -68,18 +76,38 @@ def run_and_show_quantize(
     show_default=True,
     help="Timed batch-1 runs of each model for the speed-up.",
 )
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+@json_option("the report (quantization.json's content and the model's path)")
 @runtime_options(precision=False)
 def quantize(
-    target: Path, mode: str, size, mean, std, latency_runs: int, runtime: str, **kw
+    target: Path,
+    mode: str,
+    img_size,
+    size_alias,
+    mean,
+    std,
+    latency_runs: int,
+    runtime: str,
+    quiet: bool,
+    json_path: Path | None,
+    **kw,
 ) -> None:
     """Quantize an existing export (directory or model.onnx) to model.int8.onnx.
 
     Calibration runs in onnxruntime; the report's agreement (the gate) and latency run in
     --runtime."""
+    size = img_size or size_alias  # --size: the old spelling, kept hidden
     preprocessing = None
     if size is not None:
         preprocessing = Preprocessing(size, mean or IMAGENET_MEAN, std or IMAGENET_STD)
-    options = quant_options_from(kw, mode)
-    options.latency_runs = latency_runs
-    options.runtime = runtime
-    run_and_show_quantize(target, options, preprocessing)
+    options = quant_options_from(
+        kw,
+        mode,
+        target,
+        preprocessing=preprocessing,
+        latency_runs=latency_runs,
+        runtime=runtime,
+    )
+    if json_path is not None:
+        check_json_path(json_path, [target, *filter(None, [kw["calibration_data"]])])
+    quantize_and_show(options, Progress(enabled=not quiet), json_path)

@@ -39,22 +39,29 @@ def validate(
 ) -> None:
     """Validate an existing export (directory or .onnx file) against PyTorch, run in
     onnxruntime or OpenVINO (--runtime)."""
-    from coatnet_export.revalidate import revalidate
+    from coatnet_export.revalidate import ValidateOptions, run_validate
     from coatnet_export.runtimes import check_runtime
 
     check_runtime(runtime, precision)
     if report:
         check_side_file(report, "--report", [model, *filter(None, [checkpoint]), *images])
-    gates = Gates(max_rel_error, min_top1)
-    result = revalidate(
-        model, checkpoint, list(images), samples, gates, threads, Progress(3), runtime, precision
+    options = ValidateOptions(
+        model=model,
+        checkpoint=checkpoint,
+        images=tuple(images),
+        samples=samples,
+        gates=Gates(max_rel_error, min_top1),
+        threads=threads,
+        runtime=runtime,
+        precision=precision,
     )
-    click.echo(render_table([r.as_dict() for r in result.results], RESULT_COLUMNS))
-    for warning in result.warnings:
+    outcome = run_validate(options, Progress())
+    click.echo(render_table(outcome.rows(), RESULT_COLUMNS))
+    for warning in outcome.warnings:
         click.echo(f"warning: {warning}")
     if report:
         with writing(report, "--report"):
-            write_json(report, result.report())
-    if not result.passed:
-        raise GateFailed(f"{result.model_path} does not match its PyTorch reference")
-    click.echo(f"{result.model_path} matches its PyTorch reference")
+            write_json(report, outcome.as_dict())
+    if not outcome.passed:
+        raise GateFailed(f"{outcome.model_path} does not match its PyTorch reference")
+    click.echo(f"{outcome.model_path} matches its PyTorch reference")

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import json
+from pathlib import Path
 
 import click
 
+from coatnet_export.cli.options import img_size_option, json_option, write_json_to
 from coatnet_export.console import render_table
 
 
 @click.command()
-@click.option("--img-size", type=(int, int), default=(224, 224), show_default=True, metavar="H W")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def variants(img_size: tuple[int, int], as_json: bool) -> None:
+@img_size_option("The resolution the cost is computed at.", default=(224, 224))
+@json_option("the table")
+def variants(img_size: tuple[int, int], json_path: Path | None) -> None:
     """List the variants of both families (lucid's CoAtNet, timm's CoAtNet family) with
     parameters and multiply-accumulates (computed from the configuration, no weights)."""
     from models import FAMILIES, variant_cost
@@ -31,9 +32,10 @@ def variants(img_size: tuple[int, int], as_json: bool) -> None:
                     "blocks": _blocks(spec),
                 }
             )
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
+    if json_path is not None:
+        write_json_to(json_path, rows)
+        if str(json_path) == "-":
+            return
     for row in rows:
         row["parameters"] = f"{row['parameters']:,}"
     click.echo(

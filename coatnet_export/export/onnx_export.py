@@ -7,14 +7,15 @@ import ctypes
 import gc
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from coatnet_export.console import quiet_libraries
 from coatnet_export.errors import InputError
 
 if TYPE_CHECKING:  # torch loads when a model is exported, not when the CLI starts
-    from models import CoAtNet
+    from models import CoAtNet, TimmCoAtNet
 
 Exporter = Literal["dynamo", "torchscript"]
 EXPORTERS: tuple[Exporter, ...] = ("dynamo", "torchscript")
@@ -67,8 +68,25 @@ def choose_attention(
     return requested
 
 
+@dataclass(frozen=True)
+class GraphChoice:
+    """How the graph is exported, resolved once from the options."""
+
+    exporter: Exporter
+    opset: int
+    attention: AttentionGraph
+
+
+def choose_graph(
+    exporter: Exporter, opset: int | None, attention: AttentionGraph | None
+) -> GraphChoice:
+    """The exporter's default opset unless one is given, and :func:`choose_attention`."""
+    opset = opset or DEFAULT_OPSET[exporter]
+    return GraphChoice(exporter, opset, choose_attention(exporter, opset, attention))
+
+
 def export_onnx(
-    model: CoAtNet,
+    model: CoAtNet | TimmCoAtNet,
     path: Path,
     exporter: Exporter,
     opset: int,
@@ -128,17 +146,18 @@ def release_exporter_memory() -> None:
     (onnxscript 0.7). Resetting that state is what lets the reference model's memory go
     before onnxruntime loads the same weights.
     """
-    try:
+    kinds: tuple[type, ...] = ()  # a future onnxscript without the module has nothing to reset
+    with contextlib.suppress(ImportError):
         from onnxscript.rewriter._matcher import SimplePatternMatcher
-    except ImportError:  # a future onnxscript without the module has nothing to reset
-        SimplePatternMatcher = ()
+
+        kinds = (SimplePatternMatcher,)
     with warnings.catch_warnings():  # isinstance on every object wakes deprecated lazy modules
         warnings.simplefilter("ignore")
-        matchers = [obj for obj in gc.get_objects() if isinstance(obj, SimplePatternMatcher)]
+        matchers: list[Any] = [obj for obj in gc.get_objects() if isinstance(obj, kinds)]
     for matcher in matchers:
         with contextlib.suppress(AttributeError, TypeError):  # private API: best effort
             matcher._init_match(0)
-            matcher._graph = None
+            setattr(matcher, "_graph", None)  # noqa: B010 (a private attribute, best effort)
     gc.collect()
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -18,15 +19,15 @@ import torch
 import coatnet_export
 from coatnet_export.console import Progress
 from coatnet_export.errors import InputError, writing
+from coatnet_export.export.external_data import EXTERNAL_DATA_THRESHOLD, GraphSummary, package_model
 from coatnet_export.export.onnx_export import (
-    DEFAULT_OPSET,
     AttentionGraph,
     Exporter,
-    choose_attention,
+    GraphChoice,
+    choose_graph,
     export_onnx,
     release_exporter_memory,
 )
-from coatnet_export.export.package import EXTERNAL_DATA_THRESHOLD, GraphSummary, package_model
 from coatnet_export.export.transforms import (
     bake_relative_biases,
     fold_attention_scales,
@@ -34,6 +35,7 @@ from coatnet_export.export.transforms import (
     transpose_token_linears,
     use_onnx_attention,
 )
+from coatnet_export.layout import MANIFEST_FILE, MODEL_FILE, VALIDATION_FILE
 from coatnet_export.metadata import ExportMetadata, write_json
 from coatnet_export.output import (
     atomic_file,
@@ -74,16 +76,13 @@ RESIZE_DESCRIPTIONS = {
     "center": "scale to cover img_size / crop_pct keeping aspect, then centre crop",
     "squash": "scale each axis to floor(img_size / crop_pct) (aspect not kept), then centre crop",
 }
-MODEL_FILE = "model.onnx"
-MANIFEST_FILE = "manifest.json"
-VALIDATION_FILE = "validation.json"
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class ExportOptions:
     """Everything the export command was asked to do."""
 
-    architecture: VariantSpec | TimmSpec | None
+    architecture: VariantSpec | TimmSpec | None = None
     """A named architecture; None reads it from the checkpoint (a timm folder's config.json,
     or the keys and shapes)."""
     output: Path | None = None
@@ -139,6 +138,13 @@ class ExportOutcome:
     warnings: list[str]
     skipped_images: list[str]
 
+    def rows(self) -> list[dict]:
+        """One row per validation case (none without validation)."""
+        return [r.as_dict() for r in self.results]
+
+    def as_dict(self) -> dict:
+        return {"directory": str(self.directory), **self.manifest()}
+
     def manifest(self) -> dict:
         files = {name: (self.directory / name).stat().st_size for name in self.graph.files}
         return {
@@ -169,6 +175,19 @@ def versions() -> dict[str, str]:
     }
 
 
+@dataclass(frozen=True)
+class ExportPlan:
+    """The options resolved once against the model: what the heavy part builds."""
+
+    options: ExportOptions
+    spec: ModelSpec
+    graph: GraphChoice
+    preprocessing: Preprocessing
+    recorded_cases: list[Case]
+    """The --reference-outputs case, if any."""
+    checkpoint_format: str | None
+
+
 def run_export(opts: ExportOptions, progress: Progress) -> ExportOutcome:
     """Export, check and validate one model; the output directory appears only when it passes.
 
@@ -179,7 +198,7 @@ def run_export(opts: ExportOptions, progress: Progress) -> ExportOutcome:
     inputs = input_paths(opts)
     hub = read_hub_folder(opts.checkpoint) if opts.checkpoint and opts.checkpoint.is_dir() else None
     opts = with_hub_config(opts, hub)
-    recorded = check_request(opts, inputs)
+    graph, recorded = check_request(opts, inputs)
     weights = hub.weights if hub else opts.checkpoint
     checkpoint = read_checkpoint(weights, opts.checkpoint_format) if weights else None
     spec, state_dict = plan_model(
@@ -195,16 +214,8 @@ def run_export(opts: ExportOptions, progress: Progress) -> ExportOutcome:
     del checkpoint
     with claim(opts.output or Path(spec.architecture.name), opts.force, inputs) as output:
         preprocessing, recorded_cases = check_model_fits(opts, spec, recorded)
-        return build_and_publish(
-            opts,
-            spec,
-            state_dict,
-            checkpoint_format,
-            preprocessing,
-            recorded_cases,
-            output,
-            progress,
-        )
+        plan = ExportPlan(opts, spec, graph, preprocessing, recorded_cases, checkpoint_format)
+        return build_and_publish(plan, state_dict, output, progress)
 
 
 def with_hub_config(opts: ExportOptions, hub: HubFolder | None) -> ExportOptions:
@@ -257,27 +268,30 @@ def input_paths(opts: ExportOptions) -> list[Path]:
     return [path for path in named if path is not None]
 
 
-def check_request(opts: ExportOptions, inputs: list[Path]) -> tuple[np.ndarray, np.ndarray] | None:
-    """What can be checked before the model is known: outputs, numbers, recorded outputs."""
+def check_request(
+    opts: ExportOptions, inputs: list[Path]
+) -> tuple[GraphChoice, tuple[np.ndarray, np.ndarray] | None]:
+    """What can be checked before the model is known: outputs, numbers, the graph's opset and
+    attention (resolved here, once), recorded outputs."""
     if opts.output is not None:
         check_destination(opts.output, opts.force, inputs)
     if opts.report is not None:
         outputs = [("--output", opts.output)] if opts.output is not None else []
         check_side_file(opts.report, "--report", inputs, outputs)
     preprocessing_for(opts, (32, 32))
-    choose_attention(opts.exporter, opts.opset or DEFAULT_OPSET[opts.exporter], opts.attention)
+    graph = choose_graph(opts.exporter, opts.opset, opts.attention)
     if opts.validate and nothing_to_validate(
         opts.samples, opts.batch, opts.large_batch, opts.images, opts.reference_outputs is not None
     ):
         raise InputError(NOTHING_TO_VALIDATE)
     if opts.reference_outputs is not None and opts.validate:
-        return read_recorded(opts.reference_outputs)
-    return None
+        return graph, read_recorded(opts.reference_outputs)
+    return graph, None
 
 
 def preprocessing_for(opts: ExportOptions, size: tuple[int, int]) -> Preprocessing:
     """The options' preprocessing at ``size``; Preprocessing's defaults for unset fields."""
-    chosen = {
+    chosen: dict[str, Any] = {
         name: tuple(value) if isinstance(value, (list, tuple)) else value
         for name in PREPROCESSING_OPTIONS
         if (value := getattr(opts, name)) is not None
@@ -322,50 +336,94 @@ def check_model_fits(
 
 
 def build_and_publish(
-    opts: ExportOptions,
-    spec: ModelSpec,
-    state_dict: StateDict | None,
-    checkpoint_format: str | None,
-    preprocessing: Preprocessing,
-    recorded_cases: list[Case],
-    output: Path,
-    progress: Progress,
+    plan: ExportPlan, state_dict: StateDict | None, output: Path, progress: Progress
 ) -> ExportOutcome:
-    """The heavy part: reference, reference outputs, transforms, export, check, validate."""
-    timings: dict[str, float] = {}
+    """The heavy part: reference, reference outputs, transforms, export, check, validate,
+    publish (or reject)."""
+    opts = plan.options
+    progress.expect(6 if opts.validate else 4)
     clock = time.perf_counter()
+    reference, sha256 = build_reference(plan, state_dict, progress)
+    del state_dict
+    cases, skipped = reference_cases(plan, reference, progress)
+    metadata = export_metadata(plan, reference, sha256)
+    bias_bytes, folded = transform(reference, metadata, progress)
+    warnings = reference.warnings + reference_warnings(metadata, skipped)
+    with staging(output) as stage, writing(output):
+        model_path = stage / MODEL_FILE
+        write_onnx(reference, model_path, plan.graph, opts.batch, progress)
+        del reference
+        release_exporter_memory()
+        with progress.step("packaging and checking the ONNX model"):
+            graph = package_model(model_path, metadata, opts.external_data_threshold)
+        timings = {"export_s": round(time.perf_counter() - clock, 2)}
+        results = validate_model(model_path, cases, graph, opts, progress)
+        timings["total_s"] = round(time.perf_counter() - clock, 2)
+        outcome = ExportOutcome(
+            stage,
+            metadata,
+            graph,
+            results,
+            all(r.passed for r in results),
+            bias_bytes,
+            folded,
+            timings,
+            warnings,
+            skipped,
+        )
+        write_json(stage / MANIFEST_FILE, outcome.manifest())
+        write_json(stage / VALIDATION_FILE, outcome.validation_report())
+        destination = output if outcome.passed else rejected_path(output)
+        publish_with_report(stage, destination, opts.report, outcome.validation_report())
+        outcome.directory = destination
+    return outcome
 
+
+def build_reference(
+    plan: ExportPlan, state_dict: StateDict | None, progress: Progress
+) -> tuple[ReferenceModel, str]:
+    """The PyTorch reference with its weights, and their SHA-256."""
+    spec, opts = plan.spec, plan.options
     with progress.step(
         f"building {spec.architecture.name} at {spec.img_size[0]}x{spec.img_size[1]}"
     ):
         reference = load_reference(spec, state_dict, str(opts.checkpoint), opts.seed)
-        del state_dict
         sha256 = weights_sha256(reference.model)
     progress.note(f"weights: {reference.weights}")
-    warnings = reference.warnings
-    for warning in warnings:
+    for warning in reference.warnings:
         progress.note(f"warning: {warning}")
+    return reference, sha256
 
-    cases: list[Case] = []
-    skipped: list[str] = []
-    if opts.validate:
-        with progress.step("computing PyTorch reference outputs"):
-            cases, skipped = build_cases(
-                spec.in_channels,
-                spec.img_size,
-                opts.seed,
-                opts.samples,
-                opts.batch,
-                opts.large_batch,
-                opts.images,
-                preprocessing,
-            )
-            cases += recorded_cases
-            add_reference_outputs(reference.model, cases)
 
-    opset = opts.opset or DEFAULT_OPSET[opts.exporter]
-    metadata = export_metadata(opts, spec, preprocessing, reference, sha256, checkpoint_format)
+def reference_cases(
+    plan: ExportPlan, reference: ReferenceModel, progress: Progress
+) -> tuple[list[Case], list[str]]:
+    """The validation cases with the reference's outputs, and the images skipped (none
+    without validation)."""
+    opts, spec = plan.options, plan.spec
+    if not opts.validate:
+        return [], []
+    with progress.step("computing PyTorch reference outputs"):
+        cases, skipped = build_cases(
+            spec.in_channels,
+            spec.img_size,
+            opts.seed,
+            opts.samples,
+            opts.batch,
+            opts.large_batch,
+            opts.images,
+            plan.preprocessing,
+        )
+        cases += plan.recorded_cases
+        add_reference_outputs(reference.model, cases)
+    return cases, skipped
 
+
+def transform(
+    reference: ReferenceModel, metadata: ExportMetadata, progress: Progress
+) -> tuple[int, int]:
+    """Bake the biases, fold BatchNorm and the attention scales; the bytes the biases add and
+    the BatchNorms folded."""
     with progress.step("baking relative biases, folding BatchNorm and attention scales"):
         bias_bytes = bake_relative_biases(reference.model)
         folded = fold_batchnorms(reference.model)
@@ -377,59 +435,51 @@ def build_and_publish(
         f"baked biases add {bias_bytes / 2**20:.1f} MiB; folded {folded} BatchNorms and "
         f"{scales} attention scales"
     )
+    return bias_bytes, folded
 
-    with staging(output) as stage, writing(output):
-        model_path = stage / MODEL_FILE
-        with progress.step(
-            f"exporting with the {opts.exporter} exporter (opset {opset}, "
-            f"{metadata.attention} attention)"
-        ):
-            export_onnx(
-                reference.model,
-                model_path,
-                opts.exporter,
-                opset,
-                opts.batch,
-                # always beside the graph: dynamo then streams the weights to disk instead of
-                # building a protobuf copy; packaging brings small models back into one file
-                external_data=True,
-            )
-        del reference
-        release_exporter_memory()
-        with progress.step("packaging and checking the ONNX model"):
-            graph = package_model(model_path, metadata, opts.external_data_threshold)
-        timings["export_s"] = round(time.perf_counter() - clock, 2)
 
-        results: list[CaseResult] = []
-        if opts.validate:
-            with progress.step(f"validating {len(cases)} case(s) in onnxruntime"):
-                results = validate_onnx(
-                    model_path,
-                    cases,
-                    opts.gates,
-                    threads=opts.threads,
-                    low_memory=graph.weight_bytes >= LOW_MEMORY_BYTES,
-                )
-        passed = all(r.passed for r in results)
-        timings["total_s"] = round(time.perf_counter() - clock, 2)
-        outcome = ExportOutcome(
-            stage,
-            metadata,
-            graph,
-            results,
-            passed,
-            bias_bytes,
-            folded,
-            timings,
-            warnings + reference_warnings(metadata, skipped),
-            skipped,
+def write_onnx(
+    reference: ReferenceModel,
+    path: Path,
+    graph: GraphChoice,
+    batch: int | None,
+    progress: Progress,
+) -> None:
+    """Export the transformed reference to ``path``, its weights beside it."""
+    with progress.step(
+        f"exporting with the {graph.exporter} exporter (opset {graph.opset}, "
+        f"{graph.attention} attention)"
+    ):
+        export_onnx(
+            reference.model,
+            path,
+            graph.exporter,
+            graph.opset,
+            batch,
+            # always beside the graph: dynamo then streams the weights to disk instead of
+            # building a protobuf copy; packaging brings small models back into one file
+            external_data=True,
         )
-        write_json(stage / MANIFEST_FILE, outcome.manifest())
-        write_json(stage / VALIDATION_FILE, outcome.validation_report())
-        destination = output if passed else rejected_path(output)
-        publish_with_report(stage, destination, opts.report, outcome.validation_report())
-        outcome.directory = destination
-    return outcome
+
+
+def validate_model(
+    path: Path,
+    cases: list[Case],
+    graph: GraphSummary,
+    opts: ExportOptions,
+    progress: Progress,
+) -> list[CaseResult]:
+    """Each case in onnxruntime (none without validation)."""
+    if not opts.validate:
+        return []
+    with progress.step(f"validating {len(cases)} case(s) in onnxruntime"):
+        return validate_onnx(
+            path,
+            cases,
+            opts.gates,
+            threads=opts.threads,
+            low_memory=graph.weight_bytes >= LOW_MEMORY_BYTES,
+        )
 
 
 def publish_with_report(stage: Path, destination: Path, report: Path | None, payload: dict) -> None:
@@ -443,15 +493,9 @@ def publish_with_report(stage: Path, destination: Path, report: Path | None, pay
         publish(stage, destination)
 
 
-def export_metadata(
-    opts: ExportOptions,
-    spec: ModelSpec,
-    preprocessing: Preprocessing,
-    reference: ReferenceModel,
-    sha256: str,
-    checkpoint_format: str | None,
-) -> ExportMetadata:
+def export_metadata(plan: ExportPlan, reference: ReferenceModel, sha256: str) -> ExportMetadata:
     """What the exported model records about itself."""
+    opts, spec, preprocessing = plan.options, plan.spec, plan.preprocessing
     return ExportMetadata(
         variant=spec.architecture.name,
         architecture=spec.architecture.as_dict(),
@@ -464,19 +508,17 @@ def export_metadata(
         interpolation=preprocessing.interpolation,
         resize=RESIZE_DESCRIPTIONS[preprocessing.crop_mode],
         crop_mode=preprocessing.crop_mode,
-        exporter=opts.exporter,
-        opset=opts.opset or DEFAULT_OPSET[opts.exporter],
+        exporter=plan.graph.exporter,
+        opset=plan.graph.opset,
         batch="dynamic" if opts.batch is None else str(opts.batch),
         weights=reference.weights,
         seed=None if opts.checkpoint else opts.seed,
-        checkpoint_format=checkpoint_format,
+        checkpoint_format=plan.checkpoint_format,
         weights_sha256=sha256,
         numerics=spec.numerics.as_dict(),
         versions=versions(),
         labels=opts.labels,
-        attention=choose_attention(
-            opts.exporter, opts.opset or DEFAULT_OPSET[opts.exporter], opts.attention
-        ),
+        attention=plan.graph.attention,
     )
 
 

@@ -9,6 +9,8 @@ weight, so it runs before :func:`transpose_token_linears` moves that weight to (
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -96,7 +98,8 @@ def transpose_token_linears(model: CoAtNet | TimmCoAtNet) -> int:
     for block in model.modules():
         if not isinstance(block, Transformer):
             continue
-        attention, feed_forward = block.attn["1"].fn, block.ff["1"].fn.ff
+        attention: Any = block.attn.get_submodule("1.fn")
+        feed_forward = block.ff.get_submodule("1.fn.ff")
         for parent, name in (
             (attention, "to_qkv"),
             (attention.to_out, "0"),
@@ -171,7 +174,7 @@ def fold_batchnorms(model: CoAtNet | TimmCoAtNet) -> int:
             and isinstance(module.fn, nn.Sequential)
             and _is_pointwise(module.fn[0])
         ):
-            module.fn[0] = _fold_input_affine(module.fn[0], module.norm)
+            module.fn[0] = _fold_input_affine(cast(nn.Conv2d, module.fn[0]), module.norm)
             module.norm = nn.Identity().train(module.norm.training)
             folded += 1
     return folded
@@ -188,13 +191,13 @@ def _is_pointwise(module: nn.Module) -> bool:
 
 def _fold_input_affine(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """conv(bn(x)) as one convolution: W' = W * s over input channels, b' = b + W @ t."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    shift = bn.bias - bn.running_mean * scale
+    scale, shift = _bn_affine(bn)
     weight = conv.weight * scale[None, :, None, None]
     bias = conv.weight.flatten(1) @ shift
     if conv.bias is not None:
         bias = bias + conv.bias
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, 1, stride=conv.stride, bias=True)
+    stride = (conv.stride[0], conv.stride[1])
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, 1, stride=stride, bias=True)
     fused.weight = nn.Parameter(weight)
     fused.bias = nn.Parameter(bias)
     return fused.train(conv.training)
@@ -221,6 +224,9 @@ class ChannelAffine(nn.Module):
     convolution is next to (its input is a residual sum or a squeeze-excite product), exported
     as Mul and Add instead of a BatchNormalization node."""
 
+    scale: torch.Tensor
+    shift: torch.Tensor
+
     def __init__(self, norm: nn.BatchNorm2d, act: nn.Module) -> None:
         super().__init__()
         scale, shift = _bn_affine(norm)
@@ -233,8 +239,11 @@ class ChannelAffine(nn.Module):
 
 
 def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    return scale, bn.bias - bn.running_mean * scale
+    """The scale and shift of an eval-mode BatchNorm."""
+    mean, var = bn.running_mean, bn.running_var
+    assert mean is not None and var is not None  # tracked statistics: eval mode uses them
+    scale = bn.weight / torch.sqrt(var + bn.eps)
+    return scale, bn.bias - mean * scale
 
 
 def _fold_into_conv(conv: nn.Conv2d, norm: NormAct) -> tuple[nn.Conv2d, nn.Module]:
@@ -265,8 +274,10 @@ def _fold_scale_into(layer: nn.Conv2d | Pointwise, scale: LayerScale) -> None:
     """layer then a layer scale -> the layer's output rows scaled."""
     gamma = scale.gamma.detach()
     shape = (-1,) + (1,) * (layer.weight.ndim - 1)
+    bias = layer.bias
+    assert bias is not None  # the layers before a layer scale are biased
     layer.weight = nn.Parameter(layer.weight * gamma.reshape(shape))
-    layer.bias = nn.Parameter(layer.bias * gamma)
+    layer.bias = nn.Parameter(bias * gamma)
 
 
 @torch.no_grad()

@@ -11,26 +11,24 @@ import glob
 import hashlib
 import io
 import os
-import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from coatnet_export.describe import load_proto, metadata_of, resolve_model_path
 from coatnet_export.errors import InputError
-from coatnet_export.export.package import data_file
-from coatnet_export.inspect import load_proto, metadata_of, resolve_model_path
+from coatnet_export.layout import MODELS, data_file
 from coatnet_export.preprocess import IMAGE_SUFFIXES, Preprocessing, open_image
 
-MODEL_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 GLOB_CHARS = ("*", "?", "[")
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ClassifierSpec:
     """Everything a worker needs to classify images with one model (picklable)."""
 
     path: str
@@ -51,9 +49,9 @@ def file_sha256(paths: Sequence[Path]) -> str:
     return digest.hexdigest()
 
 
-def load_spec(export: Path, model: str, top_k: int) -> ModelSpec:
+def load_spec(export: Path, model: str, top_k: int) -> ClassifierSpec:
     """The spec of ``export``'s fp32 or int8 model (or of an .onnx file given directly)."""
-    path = resolve_model_path(export, MODEL_FILES[model])
+    path = resolve_model_path(export, MODELS[model])
     proto = load_proto(path)
     metadata = metadata_of(proto)
     if metadata is None:
@@ -66,7 +64,7 @@ def load_spec(export: Path, model: str, top_k: int) -> ModelSpec:
     labels = metadata.labels if metadata.labels and len(metadata.labels) == classes else None
     batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
     files = [path, data_file(path)] if data_file(path).exists() else [path]
-    return ModelSpec(
+    return ClassifierSpec(
         path=str(path),
         sha256=file_sha256(files),
         preprocessing=metadata.preprocessing(),
@@ -193,7 +191,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 class Classifier:
     """One onnxruntime session classifying preprocessed images into top-k rows."""
 
-    def __init__(self, spec: ModelSpec, threads: int) -> None:
+    def __init__(self, spec: ClassifierSpec, threads: int) -> None:
         from coatnet_export.runtimes import RunOptions, load_model
 
         self.spec = spec
@@ -219,7 +217,8 @@ class Classifier:
     ) -> list[dict]:
         """One row per path: top-k for decoded images, the error for the others."""
         good = [i for i, array in enumerate(arrays) if array is not None]
-        probs = self.probabilities(np.stack([arrays[i] for i in good])) if good else []
+        decoded = [array for array in arrays if array is not None]
+        probs = list(self.probabilities(np.stack(decoded))) if decoded else []
         ranked = dict(zip(good, probs, strict=True))
         return [self.row(path, ranked.get(i), errors[i]) for i, path in enumerate(paths)]
 
@@ -255,11 +254,12 @@ def empty_row(path: str, sha256: str, error: str) -> dict:
 
 @dataclass
 class Meter:
-    """Counts rows as they are written; a progress line on stderr every ``every`` seconds."""
+    """Counts rows as they are written; a progress note every ``every`` seconds."""
 
     engine: str
     workers: int
     threads: int
+    note: Callable[[str], None]
     images: int = 0
     errors: int = 0
     every: float = 2.0
@@ -276,11 +276,10 @@ class Meter:
         now = time.perf_counter()
         if now - self.last >= self.every:
             self.last = now
-            sys.stderr.write(
-                f"  {self.images} images ({self.errors} errors), "
-                f"{self.images / (now - self.start):.1f} images/s\n"
+            self.note(
+                f"{self.images} images ({self.errors} errors), "
+                f"{self.images / (now - self.start):.1f} images/s"
             )
-            sys.stderr.flush()
 
     def summary(self) -> dict:
         wall = time.perf_counter() - self.start

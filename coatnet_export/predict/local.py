@@ -14,14 +14,14 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 
-from coatnet_export.predict.common import Classifier, Meter, ModelSpec, decode, read_file
+from coatnet_export.predict.common import Classifier, ClassifierSpec, Meter, decode, read_file
 from coatnet_export.predict.parquet import PredictionWriter
 
 _classifier: Classifier | None = None
 """The worker process's session (set by :func:`_start_worker`)."""
 
 
-def _start_worker(spec: ModelSpec, threads: int) -> None:
+def _start_worker(spec: ClassifierSpec, threads: int) -> None:
     global _classifier
     _classifier = Classifier(spec, threads)
 
@@ -62,7 +62,7 @@ def _main_script_hidden() -> Iterator[None]:
     """
     main = sys.modules.get("__main__")
     path = getattr(main, "__file__", None)
-    if path is None or getattr(main, "__spec__", None) is not None:
+    if main is None or path is None or getattr(main, "__spec__", None) is not None:
         yield
         return
     del main.__file__
@@ -79,7 +79,7 @@ def _write(future: Future, writer: PredictionWriter, meter: Meter) -> None:
 
 
 def run_local(
-    spec: ModelSpec,
+    spec: ClassifierSpec,
     paths: Iterable[str],
     writer: PredictionWriter,
     meter: Meter,

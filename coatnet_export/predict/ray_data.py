@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from coatnet_export.errors import InputError
-from coatnet_export.predict.common import Classifier, Meter, ModelSpec, decode, is_uri
+from coatnet_export.predict.common import Classifier, ClassifierSpec, Meter, decode, is_uri
 from coatnet_export.predict.parquet import SCHEMA, PredictionWriter
 from coatnet_export.preprocess import Preprocessing
 
@@ -47,7 +48,7 @@ def decode_batch(
 class RayClassifier:
     """Ray actor: one onnxruntime session; a batch of decoded images to a table of rows."""
 
-    def __init__(self, spec: ModelSpec, threads: int) -> None:
+    def __init__(self, spec: ClassifierSpec, threads: int) -> None:
         self.classifier = Classifier(spec, threads)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -73,7 +74,7 @@ def start_ray(address: str | None, cpus_needed: int) -> bool:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    options = {"logging_level": logging.ERROR, "log_to_driver": False}
+    options: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False}
     if address:
         try:
             ray.init(address=address, **options)
@@ -103,7 +104,7 @@ def _quiet_ray_data() -> None:
 
 
 def run_ray(
-    spec: ModelSpec,
+    spec: ClassifierSpec,
     paths: list[str],
     writer: PredictionWriter,
     meter: Meter,
@@ -120,7 +121,7 @@ def run_ray(
         dataset = (
             ray.data.read_binary_files(paths, include_paths=True)
             .map_batches(
-                decode_batch,
+                decode_batch,  # type: ignore[arg-type]  # ray's stub omits fn_kwargs' parameters
                 fn_kwargs={"preprocessing": spec.preprocessing, "scheme": scheme},
                 batch_format="numpy",
                 batch_size=batch_size,
@@ -137,6 +138,7 @@ def run_ray(
                 max_restarts=0,
             )
         )
-    for table in dataset.iter_batches(batch_format="pyarrow", batch_size=None):
+    tables: Iterable[Any] = dataset.iter_batches(batch_format="pyarrow", batch_size=None)
+    for table in tables:
         writer.write_table(table)
         meter.add(table.num_rows, table.num_rows - table.column("error").null_count)

@@ -6,22 +6,23 @@ import functools
 import itertools
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from coatnet_export.console import Progress
 from coatnet_export.errors import InputError
 from coatnet_export.limits import check_threads, cores
 from coatnet_export.output import check_apart, claim_file
 
 if TYPE_CHECKING:
-    from coatnet_export.predict.common import Meter, ModelSpec
+    from coatnet_export.predict.common import ClassifierSpec, Meter
     from coatnet_export.predict.parquet import PredictionWriter
 
 ENGINES = ("local", "ray")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PredictOptions:
     """A predict request, as the command line gives it."""
 
@@ -97,7 +98,32 @@ def _not_done(paths: Iterator[str], done: set[str], counts: dict[str, int]) -> I
             yield path
 
 
-def run_predict(options: PredictOptions) -> dict:
+@dataclass(frozen=True)
+class PredictOutcome:
+    """The run's summary: how many images, how fast, where the rows went."""
+
+    engine: str
+    workers: int
+    threads_per_worker: int
+    images: int
+    errors: int
+    images_per_s: float
+    wall_s: float
+    """From the first image to the last row written (after Ray started)."""
+    resumed: int
+    """Rows copied from the previous output (--resume)."""
+    total_s: float
+    """The whole run, starting Ray included."""
+    output: str
+
+    def rows(self) -> list[dict]:
+        return [self.as_dict()]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_predict(options: PredictOptions, progress: Progress) -> PredictOutcome:
     """Classify every input image into ``options.output``; the run's summary.
 
     The output is locked from the first check to the rename (a second run writing it fails at
@@ -108,10 +134,10 @@ def run_predict(options: PredictOptions) -> dict:
     _check(options)
     check = functools.partial(check_output, resume=options.resume, force=options.force)
     with claim_file(options.output, "--output", check) as output:
-        return _predict(options, output)
+        return _predict(options, output, progress)
 
 
-def _predict(options: PredictOptions, output: Path) -> dict:
+def _predict(options: PredictOptions, output: Path, progress: Progress) -> PredictOutcome:
     from coatnet_export.predict.common import Meter, iter_images, load_spec
     from coatnet_export.predict.parquet import prediction_file
 
@@ -121,7 +147,7 @@ def _predict(options: PredictOptions, output: Path) -> dict:
     started = time.perf_counter()
     with prediction_file(output, spec.sha256, options.resume) as (writer, done):
         pending = _not_done(iter_images(options.inputs), done, counts)
-        meter = Meter(options.engine, workers, options.threads)
+        meter = Meter(options.engine, workers, options.threads, progress.note)
         if options.engine == "local":
             from coatnet_export.predict.local import run_local
 
@@ -130,15 +156,16 @@ def _predict(options: PredictOptions, output: Path) -> dict:
             _run_on_ray(spec, list(pending), writer, meter, options)
         if meter.images + counts["skipped"] == 0:
             raise InputError("the inputs hold no image files (" + ", ".join(options.inputs) + ")")
-    summary = meter.summary()
-    summary["resumed"] = counts["skipped"]
-    summary["total_s"] = time.perf_counter() - started
-    summary["output"] = str(options.output)
-    return summary
+    return PredictOutcome(
+        **meter.summary(),
+        resumed=counts["skipped"],
+        total_s=time.perf_counter() - started,
+        output=str(options.output),
+    )
 
 
 def _run_on_ray(
-    spec: ModelSpec,
+    spec: ClassifierSpec,
     paths: list[str],
     writer: PredictionWriter,
     meter: Meter,

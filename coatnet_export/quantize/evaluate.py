@@ -3,6 +3,7 @@ SQNR and latency. Every pass streams its inputs in batches and keeps only logits
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,7 +109,8 @@ def choose_gate(
 ) -> Gate:
     """``--gate``: top-1 agreement for trained weights, the cosine similarity of the logits for
     seeded ones (``auto`` decides from the model's metadata)."""
-    seeded = metadata is not None and metadata.seed is not None
+    seed = metadata.seed if metadata is not None else None
+    seeded = seed is not None
     if requested == "top1" or (requested == "auto" and not seeded):
         why = (
             "asked for with --gate top1"
@@ -124,7 +126,7 @@ def choose_gate(
         "asked for with --gate cosine"
         if requested == "cosine"
         else (
-            f"seeded weights (seed {metadata.seed}): untrained logits have tiny top-1 margins, so "
+            f"seeded weights (seed {seed}): untrained logits have tiny top-1 margins, so "
             "top-1 agreement measures noise; the cosine similarity of the logits measures the "
             "quantization error"
         )
@@ -148,9 +150,8 @@ def latency(
     medians = {}
     for group in groups:
         loaded = {name: load_model(models[name], plan.runtime, options) for name in group}
-        samples = time_interleaved(
-            {k: (lambda m=m: m.run(x)) for k, m in loaded.items()}, warmup=3, runs=runs
-        )
+        runners = {k: functools.partial(m.run, x) for k, m in loaded.items()}
+        samples = time_interleaved(runners, warmup=3, runs=runs)
         del loaded
         medians.update({k: float(np.median(v) * 1000) for k, v in samples.items()})
     return medians

@@ -16,7 +16,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization.quant_utils import add_pre_process_metadata
 
-from coatnet_export.inspect import load_proto
+from coatnet_export.describe import load_proto
 from coatnet_export.quantize.recipes import (  # noqa: F401 (the recipes, as before)
     ARITHMETIC,
     DEFAULT_RECIPE,

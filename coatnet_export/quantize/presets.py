@@ -17,6 +17,7 @@ stay free of this package (tests/test_quantize_presets.py checks that the copies
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import asdict, dataclass, field
 
 from coatnet_export.errors import InputError
@@ -158,9 +159,10 @@ def read_cpu() -> dict:
     except OSError:  # not Linux
         pass
     try:
-        from numpy._core._multiarray_umath import __cpu_features__ as isa
+        umath = importlib.import_module("numpy._core._multiarray_umath")
     except ImportError:  # numpy < 2
-        from numpy.core._multiarray_umath import __cpu_features__ as isa
+        umath = importlib.import_module("numpy.core._multiarray_umath")
+    isa = umath.__cpu_features__
     found = {
         "amx_int8": isa.get("AVX512VNNI") and "amx_int8" in flags,
         "avx512_vnni": isa.get("AVX512VNNI"),
@@ -275,12 +277,14 @@ def choose_types(
         "weight_type": weight_type,
         "reduce_range": reduce_range,
     }
-    overrides = {k: v for k, v in wanted.items() if v is not None and v != getattr(preset, k)}
+    overrides: dict[str, object] = {
+        k: v for k, v in wanted.items() if v is not None and v != getattr(preset, k)
+    }
     choice = QuantChoice(
         preset.name,
-        overrides.get("activation_type", preset.activation_type),
-        overrides.get("weight_type", preset.weight_type),
-        overrides.get("reduce_range", preset.reduce_range),
+        activation_type if activation_type is not None else preset.activation_type,
+        weight_type if weight_type is not None else preset.weight_type,
+        reduce_range if reduce_range is not None else preset.reduce_range,
         preset.reason,
         detected,
         overrides,

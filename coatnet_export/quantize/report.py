@@ -3,15 +3,31 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
 
-from coatnet_export.quantize.evaluate import Agreement, Gate
+from coatnet_export.quantize.calibrate import SessionPlan
+from coatnet_export.quantize.evaluate import Agreement
+from coatnet_export.quantize.fallback import Fallback
 from coatnet_export.quantize.graph import DYNAMIC_OPS
+from coatnet_export.quantize.options import QuantPlan
 from coatnet_export.quantize.presets import QuantChoice
+from coatnet_export.quantize.source import Data
 
-if TYPE_CHECKING:
-    from coatnet_export.quantize.calibrate import SessionPlan
-    from coatnet_export.quantize.pipeline import Attempt, Data, QuantOptions
+
+@dataclass(frozen=True)
+class Measurements:
+    """What the heavy steps of a quantization measured."""
+
+    data: Data
+    fallback: Fallback
+    timings: dict[str, float]
+    """Median ms of fp32, int8 and, after a fallback, int8 before it."""
+    worst: list[tuple[str, float]]
+    """The lowest-SQNR activations of the final model (static), in dB."""
+    timed: SessionPlan
+    """How the models were timed."""
+    native: Agreement | None
+    """The agreement on this machine's own kernels when the gate measured exact arithmetic."""
 
 
 @dataclass
@@ -20,7 +36,8 @@ class QuantReport:
 
     mode: str
     quantized_ops: list[str]
-    """The recipe's op types (static) or those of dynamic quantization."""
+    """The recipe's op types (static; empty: onnxruntime's default set) or those of dynamic
+    quantization."""
     choice: QuantChoice
     calibration: str
     calibration_method: str | None
@@ -57,75 +74,44 @@ class QuantReport:
     kernels, which differ from the target's."""
 
     @classmethod
-    def build(
-        cls,
-        opts: QuantOptions,
-        choice: QuantChoice,
-        gate: Gate,
-        data: Data,
-        final: Attempt,
-        first: Attempt,
-        steps: list[list[str]],
-        timings: dict[str, float],
-        worst: list[tuple[str, float]],
-        compact: int,
-        plan: SessionPlan,
-    ) -> QuantReport:
-        speedup = timings["fp32"] / timings["int8"]
+    def build(cls, plan: QuantPlan, measured: Measurements) -> QuantReport:
+        """The report of a quantization planned as ``plan`` that measured ``measured``."""
+        opts, choice, gate, recipe = plan.options, plan.choice, plan.gate, plan.recipe
+        tried, timings = measured.fallback, measured.timings
         before = timings.get("int8 before fallback")
-        notes = list(data.notes)
-        if before is not None and timings["int8"] > before:
-            notes.append(
-                f"the fallback made the int8 model slower: x{speedup:.2f} over fp32 after it, "
-                f"x{timings['fp32'] / before:.2f} before (its float nodes need extra "
-                "quantize/dequantize steps)"
-            )
-        if plan.low_memory:
-            notes.append(
-                "large model: timed one model after the other (not interleaved), in "
-                "low-memory sessions (no weight pre-packing), slower than deployment with "
-                "default sessions"
-            )
-        recipe = opts.recipe if opts.mode == "static" else None
-        if recipe is not None and choice.recipes.get(plan.runtime) == recipe.key:
-            notes.append(
-                f"recipe {recipe.key}: the fastest for {choice.target_cpu} in {plan.runtime} "
-                f"({choice.measured})"
-            )
-        if choice.fastest_runtime != plan.runtime:
-            notes.append(
-                f"the fastest int8 runtime measured on {choice.target_cpu} is "
-                f"{choice.fastest_runtime} ({choice.measured}); this model is for "
-                f"{plan.runtime} (quantize --runtime {choice.fastest_runtime} lays it out for "
-                "the other)"
-            )
         return cls(
             mode=opts.mode,
-            quantized_ops=list(recipe.op_types if recipe else DYNAMIC_OPS),
+            quantized_ops=list((recipe.op_types or ()) if recipe else DYNAMIC_OPS),
             choice=choice,
-            calibration=data.calibration_source,
+            calibration=measured.data.calibration_source,
             calibration_method=opts.method if recipe else None,
             gate={
                 "metric": gate.metric,
                 "threshold": gate.threshold,
                 "reason": gate.reason,
-                "value": gate.value(final.result),
+                "value": gate.value(tried.final.result),
             },
-            excluded_nodes=final.excluded,
-            fallback_steps=steps,
-            agreement=final.result,
-            agreement_before_fallback=first.result if steps else None,
+            excluded_nodes=tried.final.excluded,
+            fallback_steps=tried.steps,
+            agreement=tried.final.result,
+            agreement_before_fallback=tried.first.result if tried.steps else None,
             latency_ms=timings,
-            speedup=speedup,
+            speedup=timings["fp32"] / timings["int8"],
             speedup_before_fallback=timings["fp32"] / before if before else None,
-            lowest_sqnr=[{"tensor": t, "sqnr_db": s} for t, s in worst],
-            compact_bias_bytes=compact,
-            low_memory_sessions=plan.low_memory,
-            passed=gate.passed(final.result),
-            notes=notes,
-            runtime=plan.runtime,
+            lowest_sqnr=[{"tensor": t, "sqnr_db": s} for t, s in measured.worst],
+            compact_bias_bytes=tried.compact_bytes,
+            low_memory_sessions=measured.timed.low_memory,
+            passed=gate.passed(tried.final.result),
+            notes=measured.data.notes + notes(plan, measured),
+            runtime=measured.timed.runtime,
             recipe=recipe.name if recipe else None,
             laid_out_for=recipe.runtime if recipe else "onnxruntime",
+            judgement={
+                "measured": plan.judgement.label,
+                "exact": plan.judgement.exact,
+                "reason": plan.judgement.reason,
+            },
+            native_agreement=measured.native,
         )
 
     def as_dict(self) -> dict:
@@ -183,6 +169,58 @@ class QuantReport:
             ("fallback steps", len(self.fallback_steps)),
         ]
         return [{"metric": k, "value": v} for k, v in rows if v is not None]
+
+
+def notes(plan: QuantPlan, measured: Measurements) -> list[str]:
+    """What a reader of the report should know: a fallback that cost speed, low-memory
+    timing, the recipe's provenance, a faster runtime for the target."""
+    choice, recipe, timed, timings = plan.choice, plan.recipe, measured.timed, measured.timings
+    found = []
+    before = timings.get("int8 before fallback")
+    if before is not None and timings["int8"] > before:
+        found.append(
+            f"the fallback made the int8 model slower: x{timings['fp32'] / timings['int8']:.2f} "
+            f"over fp32 after it, x{timings['fp32'] / before:.2f} before (its float nodes need "
+            "extra quantize/dequantize steps)"
+        )
+    if timed.low_memory:
+        found.append(
+            "large model: timed one model after the other (not interleaved), in "
+            "low-memory sessions (no weight pre-packing), slower than deployment with "
+            "default sessions"
+        )
+    if recipe is not None and choice.recipes.get(timed.runtime) == recipe.key:
+        found.append(
+            f"recipe {recipe.key}: the fastest for {choice.target_cpu} in {timed.runtime} "
+            f"({choice.measured})"
+        )
+    if choice.fastest_runtime != timed.runtime:
+        found.append(
+            f"the fastest int8 runtime measured on {choice.target_cpu} is "
+            f"{choice.fastest_runtime} ({choice.measured}); this model is for "
+            f"{timed.runtime} (quantize --runtime {choice.fastest_runtime} lays it out for "
+            "the other)"
+        )
+    return found
+
+
+@dataclass(frozen=True)
+class QuantOutcome:
+    """What ``run_quantize`` made: the int8 model (written even when the gate failed, for
+    inspection) and its report."""
+
+    model: Path
+    report: QuantReport
+
+    @property
+    def passed(self) -> bool:
+        return self.report.passed
+
+    def rows(self) -> list[dict[str, object]]:
+        return self.report.summary_rows()
+
+    def as_dict(self) -> dict:
+        return {"model": str(self.model), **self.report.as_dict()}
 
 
 def metadata_quantization(report: QuantReport) -> dict:

@@ -95,6 +95,9 @@ class CheckedModel:
     def __init__(self, model: LoadedModel, path: Path) -> None:
         self.model = model
         self.path = path
+        self.name: str = model.name
+        self.input_name: str = model.input_name
+        self.classes: int | None = model.classes
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.model, name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -100,7 +101,7 @@ def infer_architecture(state_dict: StateDict) -> VariantSpec:
     return spec
 
 
-def _fields(spec: VariantSpec) -> dict[str, object]:
+def _fields(spec: VariantSpec) -> dict[str, Any]:
     return {
         "num_blocks": spec.num_blocks,
         "channels": spec.channels,

@@ -159,9 +159,11 @@ def trained_img_size(state_dict: StateDict) -> tuple[int, int] | None:
     every table (each table covers a (2h-1) x (2w-1) grid at its stage's resolution).
     """
     tables = {
-        key: (state_dict[key].shape[0], _stage_stride(key))
+        key: (state_dict[key].shape[0], stride)
         for key in state_dict
-        if _is_bias_table(key) and state_dict[key].ndim == 2 and _stage_stride(key)
+        if _is_bias_table(key)
+        and state_dict[key].ndim == 2
+        and (stride := _stage_stride(key)) is not None
     }
     if not tables or len(tables) != sum(1 for key in state_dict if _is_bias_table(key)):
         return None
@@ -232,7 +234,7 @@ def fit_state_dict(state_dict: StateDict, model: CoAtNet) -> tuple[StateDict, li
     source = trained_img_size(tensors) if wrong_tables and len(wrong_tables) == len(wrong) else None
     if source is not None:
         for key in wrong_tables:
-            stride = _stage_stride(key)
+            stride = _stage_stride(key) or 1  # a resized table has a stage
             src = (2 * (source[0] // stride) - 1, 2 * (source[1] // stride) - 1)
             dst = (2 * (model.img_size[0] // stride) - 1, 2 * (model.img_size[1] // stride) - 1)
             tensors[key] = resize_bias_table(tensors[key], src, dst)

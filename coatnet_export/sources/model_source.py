@@ -142,7 +142,8 @@ def plan_timm(
     if not looks_like_timm(state_dict):
         raise InputError(
             f"{checkpoint.path} does not have timm's key names (stem.conv1.weight, "
-            f"stages.N.blocks.M.*): it is not a {architecture.name} checkpoint"
+            f"stages.N.blocks.M.*): it is not a {architecture.name if architecture else 'timm'} "
+            "checkpoint"
         )
     found = architecture or recognise_timm(state_dict)
     classes = dim(state_dict, "head.fc.weight", 0) if "head.fc.weight" in state_dict else 1000
@@ -169,8 +170,10 @@ def load_reference(
     if state_dict is None:
         init_weights(materialize(model), seed)
         return ReferenceModel(model.eval(), spec, f"seeded random weights (seed {seed})")
-    fit = fit_timm_state_dict if isinstance(model, TimmCoAtNet) else fit_state_dict
-    fitted, warnings = fit(state_dict, model)
+    if isinstance(model, TimmCoAtNet):
+        fitted, warnings = fit_timm_state_dict(state_dict, model)
+    else:
+        fitted, warnings = fit_state_dict(state_dict, model)
     model.load_state_dict(fitted, strict=False, assign=True)
     fitted.clear()
     state_dict.clear()

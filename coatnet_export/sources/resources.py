@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from coatnet_export.errors import InputError
-from models import DIM_HEAD
+from models import DIM_HEAD, TimmSpec
 from models.config import STAGE_STRIDES
 
 if TYPE_CHECKING:
@@ -91,11 +91,11 @@ def _address_space_headroom() -> int | None:
     return limit
 
 
-def _stages(spec: ModelSpec) -> list[tuple[str, int, int, int, int]]:
+def _stages(spec: ModelSpec) -> list[tuple[Any, int, int, int, int]]:
     """(block type, blocks, input width, output width, stage) of each stage S1..S4 in forward
     order, with a tandem S3 as its MBConv run then its Transformer run."""
     arch = spec.architecture
-    if arch.family == "timm":
+    if isinstance(arch, TimmSpec):
         return [(kind, n, c_in, c_out, stage) for stage, kind, c_in, c_out, n in arch.stage_plan()]
     widths = list(arch.channels)
     if arch.tandem is not None:

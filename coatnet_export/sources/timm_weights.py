@@ -8,6 +8,8 @@ resizing: their MLP simply runs over the new offsets.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from coatnet_export.sources.checkpoint import StateDict, check_fit
@@ -45,7 +47,7 @@ def fit_timm_state_dict(state_dict: StateDict, model: TimmCoAtNet) -> tuple[Stat
         and _square_grid(tensor)
     ]
     for key in resized:
-        grid = model.get_submodule(key[: -len(TABLE) - 1]).size
+        grid = cast("tuple[int, int]", model.get_submodule(key[: -len(TABLE) - 1]).size)
         tensors[key] = resize_bias_table(tensors[key], grid)
     warnings = []
     if resized:

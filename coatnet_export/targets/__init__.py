@@ -1,11 +1,11 @@
 """Deployment targets: ``coatnet-export package DIR --target NAME`` turns an export into them.
 
-Each target is a :class:`Target` in :data:`TARGETS`; its ``build`` takes a
-:class:`PackageRequest` and returns a :class:`PackageResult`. A target's module is imported only
-when it runs, so a target's optional tools cost nothing to the others. Targets that add files to
-the export folder itself (e2e, ort) record them with
+:func:`run_package` takes :class:`PackageOptions` and returns a :class:`PackageOutcome`:
+each target is a :class:`Target` in :data:`TARGETS`, whose ``build`` does the work. A target's
+module is imported only when it runs, so a target's optional tools cost nothing to the others.
+Targets that add files to the export folder itself (e2e, ort) record them with
 :func:`coatnet_export.metadata.record_artefacts`; targets that make a new folder (web, triton)
-write it to ``request.output`` through :mod:`coatnet_export.output`.
+write it to ``options.output`` through :mod:`coatnet_export.output`.
 """
 
 from __future__ import annotations
@@ -17,17 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from coatnet_export.errors import InputError
+from coatnet_export.layout import INT8_FILE, MODEL_FILE
 from coatnet_export.metadata import ExportMetadata, int8_layout
 
-MODEL_FILE = "model.onnx"
-INT8_FILE = "model.int8.onnx"
-MANIFEST_FILE = "manifest.json"
 
-
-@dataclass(frozen=True)
-class PackageRequest:
+@dataclass(frozen=True, kw_only=True)
+class PackageOptions:
     """What ``coatnet-export package`` was asked to do."""
 
+    target: str
+    """A name of :data:`TARGETS`."""
     export_dir: Path
     output: Path | None = None
     """The new folder of a target that makes one (web, triton); None for e2e and ort."""
@@ -38,12 +37,38 @@ class PackageRequest:
 
 
 @dataclass
-class PackageResult:
-    """What a target wrote: files, a table of rows to print, and notes."""
+class PackageOutcome:
+    """What a target wrote: files, a table of what it checked, and notes."""
 
     files: list[Path] = field(default_factory=list)
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    table: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    target: str = ""
+    """The target's name (:func:`run_package` sets it)."""
+
+    def rows(self) -> list[dict[str, Any]]:
+        return self.table
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "files": [str(p) for p in self.files],
+            "rows": self.table,
+            "notes": self.notes,
+        }
+
+
+def run_package(options: PackageOptions) -> PackageOutcome:
+    """Build ``options.target`` from the export in ``options.export_dir`` (no progress lines:
+    a target checks its inputs as it goes, and bad input is one ``error:`` line)."""
+    target = TARGETS.get(options.target)
+    if target is None:
+        raise InputError(
+            f"unknown target {options.target!r} (choose one of {', '.join(sorted(TARGETS))})"
+        )
+    outcome = target.build(options)
+    outcome.target = target.name
+    return outcome
 
 
 @dataclass(frozen=True)
@@ -52,21 +77,21 @@ class Target:
 
     name: str
     summary: str
-    build: Callable[[PackageRequest], PackageResult]
+    build: Callable[[PackageOptions], PackageOutcome]
 
 
-def lazy(module: str, function: str = "build") -> Callable[[PackageRequest], PackageResult]:
+def lazy(module: str, function: str = "build") -> Callable[[PackageOptions], PackageOutcome]:
     """A build function that imports ``module`` only when it is called."""
 
-    def build(request: PackageRequest) -> PackageResult:
-        return getattr(importlib.import_module(module), function)(request)
+    def build(options: PackageOptions) -> PackageOutcome:
+        return getattr(importlib.import_module(module), function)(options)
 
     return build
 
 
 def export_metadata(export_dir: Path) -> ExportMetadata:
     """The metadata of the export in ``export_dir``; InputError if it holds no export."""
-    from coatnet_export.inspect import load_proto, metadata_of
+    from coatnet_export.describe import load_proto, metadata_of
 
     model = export_dir / MODEL_FILE
     if not export_dir.is_dir() or not model.is_file():
@@ -88,7 +113,7 @@ def int8_layout_notes(export_dir: Path, runtime: str) -> list[str]:
     ``runtime`` a target runs it in (``quantize --runtime``): it runs, but slower."""
     import onnx
 
-    from coatnet_export.inspect import metadata_of
+    from coatnet_export.describe import metadata_of
 
     path = export_dir / INT8_FILE
     if not path.is_file():

@@ -38,21 +38,18 @@ from onnx.external_data_helper import uses_external_data
 from PIL import Image
 
 from coatnet_export.errors import GateFailed, InputError
-from coatnet_export.export.package import check_model, data_file
+from coatnet_export.export.external_data import check_model
+from coatnet_export.layout import E2E_FILES, MODEL_FILE, data_file
 from coatnet_export.metadata import ExportMetadata, record_artefacts
 from coatnet_export.output import lock
 from coatnet_export.preprocess import Preprocessing, list_images, open_image
 from coatnet_export.targets import (
-    INT8_FILE,
-    MODEL_FILE,
-    PackageRequest,
-    PackageResult,
+    PackageOptions,
+    PackageOutcome,
     export_metadata,
     int8_layout_notes,
 )
 
-E2E_FILES = {MODEL_FILE: "model.e2e.onnx", INT8_FILE: "model.e2e.int8.onnx"}
-"""The e2e model written for each source model of an export."""
 INPUT_NAME = "image"
 PREFIX = "e2e/"
 """Every node and tensor of the preprocessing subgraph is named with this prefix."""
@@ -479,7 +476,7 @@ def rgb_pixels(image: Image.Image) -> np.ndarray:
 
 
 @dataclass
-class Agreement:
+class PreprocessingAgreement:
     """How an e2e model agrees with Pillow preprocessing plus its source model."""
 
     model: str
@@ -519,7 +516,7 @@ def measure(
     pre: Preprocessing,
     images: list[tuple[str, Image.Image]],
     threads: int | None = None,
-) -> Agreement:
+) -> PreprocessingAgreement:
     """Run ``e2e`` on decoded pixels and ``source`` on Pillow preprocessing; compare."""
     from coatnet_export.runtimes.onnxruntime import make_session
     from coatnet_export.validate import Gates, compare
@@ -536,7 +533,7 @@ def measure(
     top = ref.argmax(axis=1)
     rows = np.arange(len(top))
     delta = np.abs(_softmax(act)[rows, top] - _softmax(ref)[rows, top])
-    return Agreement(
+    return PreprocessingAgreement(
         e2e.name,
         source.name,
         len(images),
@@ -556,7 +553,7 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 # --- the target ---
 
 
-def build(request: PackageRequest) -> PackageResult:
+def build(request: PackageOptions) -> PackageOutcome:
     """Write model.e2e.onnx (and model.e2e.int8.onnx) into the export folder, checked."""
     export_dir = request.export_dir
     if request.output is not None:
@@ -595,11 +592,11 @@ def _write_checked(
     targets: list[Path],
     metadata: ExportMetadata,
     images: list[tuple[str, Image.Image]],
-    request: PackageRequest,
-) -> PackageResult:
+    request: PackageOptions,
+) -> PackageOutcome:
     """Stage each e2e model, measure it against its source, and rename them into place."""
     pre = metadata.preprocessing()
-    result = PackageResult()
+    result = PackageOutcome()
     stage = Path(tempfile.mkdtemp(prefix=".e2e.partial-", dir=export_dir))
     try:
         staged: list[Path] = []
@@ -608,7 +605,7 @@ def _write_checked(
             weights = write_e2e(source, staged_model, metadata)
             agreement = measure(staged_model, source, pre, images, request.options.get("threads"))
             _gate(agreement)
-            result.rows.append({**agreement.as_row(), "bytes": _bytes(staged_model, weights)})
+            result.table.append({**agreement.as_row(), "bytes": _bytes(staged_model, weights)})
             staged += [p for p in (weights, staged_model) if p is not None]
         result.files = _publish(staged, export_dir)
     finally:
@@ -624,7 +621,7 @@ def _check_batch(metadata: ExportMetadata) -> None:
         )
 
 
-def _gate(agreement: Agreement) -> None:
+def _gate(agreement: PreprocessingAgreement) -> None:
     if agreement.pixel_max > MAX_PIXEL_ERROR + 1e-3:
         raise GateFailed(
             f"{agreement.model}: the in-graph preprocessing differs from Pillow by up to "

@@ -21,24 +21,20 @@ from types import ModuleType
 
 import numpy as np
 
+from coatnet_export import layout
 from coatnet_export.errors import GateFailed, InputError
-from coatnet_export.export.package import data_file
+from coatnet_export.layout import data_file
 from coatnet_export.metadata import ExportMetadata, record_artefacts
 from coatnet_export.output import claim, publish, staging
 from coatnet_export.targets import (
-    PackageRequest,
-    PackageResult,
+    PackageOptions,
+    PackageOutcome,
     export_metadata,
     int8_layout_notes,
 )
 
 ORT_DIR = "ort"
-MODELS = {
-    "fp32": "model.onnx",
-    "int8": "model.int8.onnx",
-    "e2e": "model.e2e.onnx",
-    "e2e-int8": "model.e2e.int8.onnx",
-}
+MODELS = {**layout.MODELS, "e2e": layout.E2E_FILE, "e2e-int8": layout.E2E_INT8_FILE}
 """Models the target converts, by the name --ort-models takes."""
 FLATBUFFER_LIMIT = 2**31 - 1
 """An ORT format model is one FlatBuffer, which cannot exceed 2 GiB."""
@@ -179,7 +175,7 @@ def ort_name(model: Path, style: str) -> str:
 
 def check_inputs(model: Path, metadata: ExportMetadata) -> list[np.ndarray]:
     """Inputs to compare a model's .ort and .onnx on: photos-like images or random tensors."""
-    from coatnet_export.inspect import load_proto
+    from coatnet_export.describe import load_proto
     from coatnet_export.targets.e2e import INPUT_NAME, check_images, rgb_pixels
 
     graph = load_proto(model).graph
@@ -247,7 +243,7 @@ def _coverage(info) -> Coverage:
     )
 
 
-def build(request: PackageRequest) -> PackageResult:
+def build(request: PackageOptions) -> PackageOutcome:
     """Write DIR/ort: the .ort models, validated, and the reduced-build config."""
     export_dir = request.export_dir
     if request.output is not None:
@@ -264,16 +260,16 @@ def build(request: PackageRequest) -> PackageResult:
     platform = request.options.get("ort_platform", "arm")
     threads = request.options.get("threads")
     final = export_dir / ORT_DIR
-    result = PackageResult()
+    result = PackageOutcome()
     with claim(final, request.force, models.values()) as claimed, staging(claimed) as stage:
         convert(converter, models, stage, style, platform)
         for model in models.values():
             row, notes = check_converted(
                 stage / ort_name(model, style), model, metadata, checker, threads
             )
-            result.rows.append(row)
+            result.table.append(row)
             result.notes += notes
-        failed = [row["file"] for row in result.rows if not row["passed"]]
+        failed = [row["file"] for row in result.table if not row["passed"]]
         if failed:
             raise GateFailed(
                 f"{', '.join(failed)} differ(s) from the .onnx beyond the export gates; "

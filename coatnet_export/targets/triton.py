@@ -24,16 +24,15 @@ from google.protobuf import text_format
 from onnx import TensorProto
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
+from coatnet_export.describe import load_proto
 from coatnet_export.errors import InputError
-from coatnet_export.inspect import load_proto
+from coatnet_export.layout import INT8_FILE, MODEL_FILE
 from coatnet_export.limits import check_int32
 from coatnet_export.metadata import ExportMetadata
 from coatnet_export.output import check_member_name, claim, publish, staging
 from coatnet_export.targets import (
-    INT8_FILE,
-    MODEL_FILE,
-    PackageRequest,
-    PackageResult,
+    PackageOptions,
+    PackageOutcome,
     export_metadata,
     int8_layout_notes,
 )
@@ -222,7 +221,10 @@ def memory_notes(metadata: ExportMetadata, config: Any, instances: int) -> list[
     except (KeyError, TypeError, ValueError):
         return []
     spec = ModelSpec(
-        architecture, tuple(metadata.img_size), metadata.in_channels, metadata.num_classes
+        architecture,
+        (metadata.img_size[0], metadata.img_size[1]),
+        metadata.in_channels,
+        metadata.num_classes,
     )
     batch = config.max_batch_size or int(metadata.batch)
     needed = instances * estimate_memory(spec, batch, batch).total
@@ -251,7 +253,7 @@ def summary_rows(config: Any) -> list[dict[str, Any]]:
     ]
 
 
-def build(request: PackageRequest) -> PackageResult:
+def build(request: PackageOptions) -> PackageOutcome:
     """``coatnet-export package DIR --target triton --output REPO``: :func:`write_repository`."""
     if request.output is None:
         raise InputError("--target triton writes a model repository: give --output REPO")
@@ -281,4 +283,4 @@ def build(request: PackageRequest) -> PackageResult:
     if options.int8:
         runtime = "openvino" if options.openvino else "onnxruntime"
         notes += int8_layout_notes(request.export_dir, runtime)
-    return PackageResult(files=[folder], rows=summary_rows(config), notes=notes)
+    return PackageOutcome(files=[folder], table=summary_rows(config), notes=notes)

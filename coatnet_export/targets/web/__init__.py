@@ -18,14 +18,14 @@ from typing import Any
 
 import onnx
 
+from coatnet_export.describe import load_proto, metadata_of
 from coatnet_export.errors import InputError, writing
-from coatnet_export.export.package import data_file
-from coatnet_export.inspect import load_proto, metadata_of
+from coatnet_export.layout import E2E_FILE, E2E_INT8_FILE, data_file
 from coatnet_export.metadata import ExportMetadata, write_json
 from coatnet_export.output import claim, publish, staging
-from coatnet_export.targets import PackageRequest, PackageResult
+from coatnet_export.targets import PackageOptions, PackageOutcome
 
-E2E_MODELS = {"int8": "model.e2e.int8.onnx", "fp32": "model.e2e.onnx"}
+E2E_MODELS = {"int8": E2E_INT8_FILE, "fp32": E2E_FILE}
 """The e2e model files an export directory may hold, by kind (int8 first: the default)."""
 
 MODEL_CHOICES = ("auto", "int8", "fp32")
@@ -266,7 +266,7 @@ def site_config(
     }
 
 
-def build(request: PackageRequest) -> PackageResult:
+def build(request: PackageOptions) -> PackageOutcome:
     """``coatnet-export package DIR --target web --output SITE``: :func:`write_site`."""
     if request.output is None:
         raise InputError("--target web writes a new folder: give --output SITE")
@@ -289,4 +289,4 @@ def build(request: PackageRequest) -> PackageResult:
         f"serve it: python {site.output / 'serve.py'} (threads), or any static server; "
         "then open http://127.0.0.1:8000/",
     ]
-    return PackageResult(files=[site.output], rows=rows, notes=notes)
+    return PackageOutcome(files=[site.output], table=rows, notes=notes)

@@ -50,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     handler = functools.partial(IsolatedHandler, directory=str(Path(__file__).parent))
     with http.server.ThreadingHTTPServer((args.bind, args.port), handler) as server:
-        host, port = server.server_address[:2]
+        host, port = str(server.server_address[0]), server.server_address[1]
         print(f"serving {Path(__file__).parent} at http://{host}:{port}/ (Ctrl-C stops)")
         with contextlib.suppress(KeyboardInterrupt):
             server.serve_forever()

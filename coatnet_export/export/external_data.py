@@ -13,6 +13,7 @@ import onnx
 from onnx.external_data_helper import uses_external_data
 
 from coatnet_export.errors import InputError
+from coatnet_export.layout import data_file
 from coatnet_export.metadata import ExportMetadata, write_props
 
 EXTERNAL_DATA_THRESHOLD = 1_900_000_000
@@ -40,11 +41,6 @@ class GraphSummary:
     files: list[str]
     weight_bytes: int
     """Bytes of the initializers, wherever they are stored."""
-
-
-def data_file(model_path: Path) -> Path:
-    """Where a model's external weights live: ``model.onnx.data`` beside ``model.onnx``."""
-    return model_path.with_name(model_path.name + ".data")
 
 
 def package_model(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import MISSING, asdict, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +13,17 @@ import onnx
 from onnx.external_data_helper import uses_external_data
 
 from coatnet_export.errors import InputError, os_error_message
-from coatnet_export.export.package import data_file
+from coatnet_export.layout import (
+    INT8_FILE,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    QUANTIZATION_FILE,
+    VALIDATION_FILE,
+    data_file,
+    data_name,
+)
 from coatnet_export.metadata import PRODUCER, ExportMetadata
 from coatnet_export.preprocess import CROP_MODES, INTERPOLATIONS
-
-MODEL_FILE = "model.onnx"
 
 
 def resolve_model_path(path: Path, name: str = MODEL_FILE) -> Path:
@@ -180,13 +186,13 @@ def _shape(value: onnx.ValueInfoProto) -> list[int | str]:
 
 
 KNOWN_ARTEFACTS = {
-    "model.onnx": ("fp32", "the exported network: float32 [batch, C, H, W] in, logits out"),
-    "model.onnx.data": ("weights", "the weights of model.onnx (kept beside a model over 1.9 GB)"),
-    "model.int8.onnx": ("int8", "the int8 network (coatnet-export quantize)"),
-    "model.int8.onnx.data": ("weights", "the weights of model.int8.onnx"),
-    "manifest.json": ("manifest", "how the export was made: metadata, graph, checks, artefacts"),
-    "validation.json": ("report", "the export's parity with PyTorch in onnxruntime"),
-    "quantization.json": ("report", "int8 agreement with fp32, latency and fallback steps"),
+    MODEL_FILE: ("fp32", "the exported network: float32 [batch, C, H, W] in, logits out"),
+    data_name(MODEL_FILE): ("weights", f"the weights of {MODEL_FILE} (beside one over 1.9 GB)"),
+    INT8_FILE: ("int8", "the int8 network (coatnet-export quantize)"),
+    data_name(INT8_FILE): ("weights", f"the weights of {INT8_FILE}"),
+    MANIFEST_FILE: ("manifest", "how the export was made: metadata, graph, checks, artefacts"),
+    VALIDATION_FILE: ("report", "the export's parity with PyTorch in onnxruntime"),
+    QUANTIZATION_FILE: ("report", "int8 agreement with fp32, latency and fallback steps"),
 }
 """What the files every export (and quantize) writes are for; other targets record theirs in
 manifest.json's "artefacts"."""
@@ -194,7 +200,7 @@ manifest.json's "artefacts"."""
 
 def artefacts(export_dir: Path) -> dict[str, str]:
     """Every file in an export folder: ``kind, size: purpose``."""
-    manifest = export_dir / "manifest.json"
+    manifest = export_dir / MANIFEST_FILE
     try:
         recorded = json.loads(manifest.read_text()).get("artefacts", {})
     except (OSError, ValueError, AttributeError):
@@ -210,6 +216,45 @@ def artefacts(export_dir: Path) -> dict[str, str]:
         )
         found[name] = f"{kind}, {path.stat().st_size / 2**10:.0f} KiB: {purpose}"
     return found
+
+
+@dataclass(frozen=True, kw_only=True)
+class InfoOptions:
+    """What ``coatnet-export info`` was asked to describe."""
+
+    model: Path
+    """An export folder or an .onnx file."""
+
+
+@dataclass(frozen=True)
+class InfoOutcome:
+    """What an export holds: flat fields, and every file of its folder with its purpose."""
+
+    fields: dict[str, Any]
+    artefacts: dict[str, str]
+    warnings: list[str]
+    """The int8 model's warnings for this CPU."""
+
+    def rows(self) -> list[dict[str, Any]]:
+        return [
+            {"field": k, "value": json.dumps(v) if isinstance(v, (list, dict)) else v}
+            for k, v in self.fields.items()
+        ]
+
+    def artefact_rows(self) -> list[dict[str, str]]:
+        return [{"file": name, "what it is for": what} for name, what in self.artefacts.items()]
+
+    def as_dict(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {"int8_cpu_warnings": self.warnings} if self.warnings else {}
+        if self.artefacts:
+            extra["artefacts"] = self.artefacts
+        return {**self.fields, **extra}
+
+
+def run_info(options: InfoOptions) -> InfoOutcome:
+    """Describe the export ``options.model``."""
+    found = describe(options.model)
+    return InfoOutcome(found, found.pop("artefacts", {}), found.pop("int8_cpu_warnings", []))
 
 
 def describe(path: Path) -> dict[str, Any]:
