@@ -24,6 +24,10 @@ if TYPE_CHECKING:
 REWARM_CALLS = 1
 """Untimed calls before each timed one, after switching candidates: they absorb the switch
 (caches, the previous runtime's worker threads winding down)."""
+SETTLE_S = 0.02
+"""Idle time before switching candidates: onnxruntime's workers spin after a run (as deployed)
+and OpenVINO's briefly too; they park within it, so no session's spinning threads take the
+cores from the next one's run."""
 
 
 @dataclass
@@ -56,7 +60,8 @@ def time_interleaved(
     """Seconds per call of each candidate, measured round-robin so drift hits all alike.
 
     Every candidate is warmed up first; each round then calls every candidate in turn,
-    rotating the order, timing one call after :data:`REWARM_CALLS` untimed ones.
+    rotating the order, timing one call after :data:`REWARM_CALLS` untimed ones, each switch
+    after :data:`SETTLE_S` idle, so one session's spinning threads never overlap another's run.
     """
     for fn in candidates.values():
         for _ in range(warmup):
@@ -66,6 +71,7 @@ def time_interleaved(
     for round_index in range(runs):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
+            time.sleep(SETTLE_S)
             for _ in range(REWARM_CALLS):
                 candidates[name]()
             start = time.perf_counter()
