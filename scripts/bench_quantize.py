@@ -41,7 +41,7 @@ from coatnet_export.quantize import (
     RECIPES,
     SessionPlan,
     agreement,
-    calibrate,
+    calibrate_ranges,
     choose_types,
     image_inputs,
     latency,
@@ -193,7 +193,9 @@ def bench_recipes(work: Path, args) -> list[dict]:
             folder = model / f"prepared-{int(split_attention)}"
             folder.mkdir()
             prepare(model / "model.onnx", folder / "pre.onnx", split_attention=split_attention)
-            cache = calibrate(folder / "pre.onnx", inputs, None, "minmax", plan, lambda n: None)
+            cache = calibrate_ranges(
+                folder / "pre.onnx", inputs, None, "minmax", plan, lambda n: None
+            )
             prepared[model, split_attention] = folder / "pre.onnx", cache
     reference = logits(digits / "model.onnx", held_out, SessionPlan(args.threads, False, 8, False))
     rows: list[dict[str, Any]] = []

@@ -27,7 +27,7 @@ CALIBRATE = """
 import resource, sys, tempfile
 from pathlib import Path
 from coatnet_export.preprocess import Preprocessing
-from coatnet_export.quantize.calibrate import Inputs, SessionPlan, calibrate
+from coatnet_export.quantize.calibrate import Inputs, SessionPlan, calibrate_ranges
 from coatnet_export.quantize.graph import DEFAULT_RECIPE, prepare
 
 model, count, method = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -36,7 +36,7 @@ with tempfile.TemporaryDirectory() as work:
     prepare(model, pre)
     inputs = Inputs(Preprocessing((224, 224)), random=count)
     plan = SessionPlan(threads=1, low_memory=False, batch=1, fixed_batch=False)
-    calibrate(pre, inputs, DEFAULT_RECIPE.op_types, method, plan, lambda done: None)
+    calibrate_ranges(pre, inputs, DEFAULT_RECIPE.op_types, method, plan, lambda done: None)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
 """Calibrate in a fresh interpreter and print its peak RSS in bytes."""

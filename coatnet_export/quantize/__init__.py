@@ -30,7 +30,7 @@ _HOMES = {
     "quantize_once": "fallback",
     "SessionPlan": "calibrate",
     "Inputs": "calibrate",
-    "calibrate": "calibrate",
+    "calibrate_ranges": "calibrate",
     "image_inputs": "calibrate",
     "agreement": "evaluate",
     "latency": "evaluate",
@@ -62,7 +62,7 @@ __all__ = [
     "Recipe",
     "SessionPlan",
     "agreement",
-    "calibrate",
+    "calibrate_ranges",
     "check_options",
     "choose_types",
     "fastest_int8",
@@ -87,7 +87,12 @@ def __getattr__(name: str) -> object:
 
 
 if TYPE_CHECKING:
-    from coatnet_export.quantize.calibrate import Inputs, SessionPlan, calibrate, image_inputs
+    from coatnet_export.quantize.calibrate import (
+        Inputs,
+        SessionPlan,
+        calibrate_ranges,
+        image_inputs,
+    )
     from coatnet_export.quantize.evaluate import agreement, latency, logits
     from coatnet_export.quantize.fallback import quantize_once
     from coatnet_export.quantize.graph import prepare

@@ -335,7 +335,7 @@ def coarsen(entry: tuple) -> tuple:
     return hist, edges, low, high, threshold
 
 
-def calibrate(
+def calibrate_ranges(
     pre: Path,
     inputs: Inputs,
     op_types: tuple[str, ...] | None,

@@ -19,7 +19,7 @@ import numpy as np
 from coatnet_export.console import Progress
 from coatnet_export.errors import writing
 from coatnet_export.layout import INT8_FILE
-from coatnet_export.quantize.calibrate import SessionPlan, calibrate
+from coatnet_export.quantize.calibrate import SessionPlan, calibrate_ranges
 from coatnet_export.quantize.evaluate import Agreement, agreement, latency, logits, lowest_sqnr
 from coatnet_export.quantize.fallback import (
     SQNR_SAMPLES,
@@ -101,7 +101,7 @@ def calibrate_model(
     count, method = len(data.calibration), plan.options.method
     label = f"calibrating ({method}) on {count} inputs, {sessions.one.batch} per run"
     with progress.step(label):
-        return calibrate(
+        return calibrate_ranges(
             pre,
             data.calibration,
             plan.recipe.op_types if plan.recipe else None,

@@ -74,9 +74,10 @@ PRESETS = {
             "int8",
             False,
             f"x86 with AVX-512 VNNI or AVX-VNNI: {VNNI_REASON}",
+            runtime="openvino",
             measured="AMD EPYC Zen 4 (AVX-512 VNNI), 2 threads, coatnet_0, 2026-12-07: "
-            "onnxruntime int8 1.49x / 1.80x onnxruntime fp32 at batch 1 / 8; OpenVINO's layout "
-            "1.23x / 2.19x (faster at batch 8 only; docs/cpu-classes.md)",
+            "OpenVINO's layout 2.19x / 2.16x onnxruntime fp32 at batch 1 / 8, onnxruntime's "
+            "recipe 1.94x / 1.78x (scripts/bench_runtimes.py; docs/cpu-classes.md)",
         ),
         CpuPreset(
             "x86-avx2",
