@@ -7,7 +7,7 @@
     python scripts/bench_timm.py /tmp/timm/coatnet_0_rw_224 --json bench.json
 
 For each folder (config.json + model.safetensors + timm.onnx, as timm_vectors.py writes it),
-the weights are exported with coatnet-export into ``<folder>/ours`` (fp32, validated against
+the weights are exported with coatnet-export into ``<folder>-ours`` (fp32, validated against
 timm's logits in io.npz) and quantized (static, random calibration: the weights are timm's
 random initialisation, so there are no images to calibrate on), then timm's own ONNX
 (torch.onnx.export of the timm model, as timm's onnx_export.py does), our fp32 and our int8
@@ -38,7 +38,7 @@ BASELINE = "timm onnx fp32"
 
 def prepare(folder: Path) -> dict[str, Path]:
     """Our fp32 and int8 exports of the folder's weights (made once), and timm's ONNX."""
-    ours = folder / "ours"
+    ours = folder.with_name(f"{folder.name}-ours")  # beside it: an output never lies in an input
     if not (ours / "model.onnx").is_file():
         run_export(
             ExportOptions(
