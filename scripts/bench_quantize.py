@@ -54,7 +54,7 @@ from models import VARIANTS, get_variant
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from train_fixture import PREPROCESSING, split, write_images  # noqa: E402
+from train_fixture import PREPROCESSING, export_options, split, write_images  # noqa: E402
 
 HELD_OUT = 16
 VARIANT_COLUMNS = (
@@ -167,16 +167,7 @@ def bench_recipes(work: Path, args) -> list[dict]:
         Progress(enabled=False),
     ).directory
     digits = run_export(
-        ExportOptions(
-            architecture=None,
-            output=work / "digits",
-            checkpoint=ROOT / "tests/fixtures/digits/digits.safetensors",
-            mean=(0.5,),
-            std=(0.5,),
-            crop_pct=1.0,
-            validate=False,
-        ),
-        Progress(enabled=False),
+        export_options(work / "digits", labels=None, validate=False), Progress(enabled=False)
     ).directory
     train, test = split()
     write_images(work / "digits_calibration", train[:64])

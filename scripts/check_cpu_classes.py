@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "scripts")]
 
 from coatnet_export.console import Progress, render_table  # noqa: E402
-from coatnet_export.export.pipeline import ExportOptions, run_export  # noqa: E402
+from coatnet_export.export.pipeline import run_export  # noqa: E402
 from coatnet_export.preprocess import load_images  # noqa: E402
 from coatnet_export.quantize import (  # noqa: E402
     PRESETS,
@@ -53,9 +53,7 @@ from coatnet_export.quantize import (  # noqa: E402
 )
 from coatnet_export.runtimes import RunOptions, load_model  # noqa: E402
 
-from train_fixture import split, write_images  # noqa: E402
-
-DIGITS = REPO / "tests" / "fixtures" / "digits"
+from train_fixture import export_options, split, write_images  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -99,19 +97,8 @@ def make_fixture(work: Path, images: int, say) -> dict[str, Path]:
     train, test = split()
     write_images(work / "calibration", train[:64])
     write_images(work / "test", test[:images])
-    labels = [line for line in (DIGITS / "labels.txt").read_text().splitlines() if line]
     say("exporting the digits fixture")
-    options = ExportOptions(
-        architecture=None,
-        output=work / "export",
-        checkpoint=DIGITS / "digits.safetensors",
-        mean=(0.5,),
-        std=(0.5,),
-        crop_pct=1.0,
-        labels=labels,
-        samples=1,
-    )
-    run_export(options, Progress(enabled=False))
+    run_export(export_options(work / "export"), Progress(enabled=False))
     models = {"fp32": work / "export" / "model.onnx"}
     for target in PRESETS:
         folder = work / f"int8-{target}"

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from coatnet_export.export.pipeline import ExportOptions
 from coatnet_export.preprocess import Preprocessing
 from models import VariantSpec, init_weights
 
@@ -30,6 +31,25 @@ PREPROCESSING = Preprocessing(
     IMG_SIZE, mean=(0.5,), std=(0.5,), crop_pct=1.0, interpolation="bicubic"
 )
 TEST_COUNT = 360
+FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "digits"
+"""The trained checkpoint and its labels, as committed."""
+
+
+def export_options(output: Path, **overrides: object) -> ExportOptions:
+    """The committed checkpoint exported as it was trained (its preprocessing and labels, one
+    random validation sample), wherever it is measured; ``overrides`` are ExportOptions'."""
+    labels = [line for line in (FIXTURE / "labels.txt").read_text().splitlines() if line]
+    settings: dict = {
+        "architecture": None,
+        "output": output,
+        "checkpoint": FIXTURE / "digits.safetensors",
+        "mean": PREPROCESSING.mean,
+        "std": PREPROCESSING.std,
+        "crop_pct": PREPROCESSING.crop_pct,
+        "labels": labels,
+        "samples": 1,
+    }
+    return ExportOptions(**{**settings, **overrides})
 
 
 def digit_images() -> tuple[list[Image.Image], np.ndarray]:

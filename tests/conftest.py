@@ -18,9 +18,6 @@ TINY_LABELS = [f"class-{i}" for i in range(10)]
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # train_fixture, infer
 
-DIGITS = Path(__file__).parent / "fixtures" / "digits"
-"""The trained digits checkpoint (scripts/train_fixture.py), its labels and training record."""
-
 
 def pytest_report_header() -> str:
     """The CPU class the suite runs on: tests whose truth depends on it say so."""
@@ -34,27 +31,14 @@ def export_digits(root: Path) -> dict[str, Path]:
     """The trained digits fixture exported to ``root/export``, with 64 training images in
     ``root/calibration`` and the held-out ones in ``root/test``."""
     from coatnet_export.console import Progress
-    from coatnet_export.export.pipeline import ExportOptions, run_export
+    from coatnet_export.export.pipeline import run_export
 
-    from train_fixture import split, write_images
+    from train_fixture import export_options, split, write_images
 
     train, test = split()
     write_images(root / "calibration", train[:64])
     write_images(root / "test", test)
-    labels = [line for line in (DIGITS / "labels.txt").read_text().splitlines() if line]
-    run_export(
-        ExportOptions(
-            architecture=None,
-            output=root / "export",
-            checkpoint=DIGITS / "digits.safetensors",
-            mean=(0.5,),
-            std=(0.5,),
-            crop_pct=1.0,
-            labels=labels,
-            samples=1,
-        ),
-        Progress(enabled=False),
-    )
+    run_export(export_options(root / "export"), Progress(enabled=False))
     return {
         "root": root,
         "export": root / "export",
