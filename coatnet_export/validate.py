@@ -183,13 +183,16 @@ def recorded_case(
 
 
 def add_reference_outputs(model: torch.nn.Module, cases: list[Case]) -> None:
-    """Fill each case's reference from the PyTorch model (before any export rewrite)."""
+    """Fill each case's reference from the PyTorch model (before any export rewrite), one
+    image at a time: the reference of an image does not depend on its batch, and the eager
+    model's activations (large at 384 x 384) are then held for one image only."""
     import torch
 
     with torch.no_grad():
         for case in cases:
             if case.reference is None:
-                case.reference = model(torch.from_numpy(case.inputs)).float().numpy()
+                outputs = [model(torch.from_numpy(image[None])) for image in case.inputs]
+                case.reference = torch.cat(outputs).float().numpy()
 
 
 def compare(name: str, reference: np.ndarray, actual: np.ndarray, gates: Gates) -> CaseResult:

@@ -341,16 +341,17 @@ class Attention(nn.Module):
         return baked_or(self, lambda: self.relative_bias()[None])
 
     @torch.no_grad()
+    @torch.no_grad()
     def group_qkv(self) -> None:
-        """Reorder the qkv channels from per head (h, {q,k,v}, d) to ({q,k,v}, h, d)."""
+        """Reorder the qkv channels from per head (h, {q,k,v}, d) to ({q,k,v}, h, d), in place."""
         if not self.per_head:
             return
         order = torch.arange(self.qkv.out_channels).reshape(self.num_heads, 3, DIM_HEAD)
         order = order.permute(1, 0, 2).reshape(-1)
         bias = self.qkv.bias
         assert bias is not None  # the qkv projection is biased
-        self.qkv.weight = nn.Parameter(self.qkv.weight[order].contiguous())
-        self.qkv.bias = nn.Parameter(bias[order].contiguous())
+        self.qkv.weight.copy_(self.qkv.weight[order])
+        bias.copy_(bias[order])
         self.per_head = False
 
     @torch.no_grad()
