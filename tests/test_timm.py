@@ -156,6 +156,52 @@ def test_export_matches_timm_in_onnxruntime(name: str, tmp_path: Path) -> None:
     assert architecture_from_dict(outcome.metadata.architecture) == fixture_spec(name)[0]
 
 
+def test_rewrites_reuse_the_weights_memory(tmp_path: Path) -> None:
+    """Folding, the query scale, the (in, out) token weights and the q/k/v split write into
+    the memory of the weights they replace (a memory-mapped checkpoint is never held twice),
+    and the model still matches timm."""
+    name = "coatnext_nano_rw"  # layer scales, BatchNorms, per-head qkv: every rewrite
+    model = load_fixture(name)
+    weights = {n: p.data_ptr() for n, p in model.named_parameters() if p.ndim >= 2}
+    weights = {n: ptr for n, ptr in weights.items() if "rel_pos" not in n}  # baked and dropped
+    transforms.bake_relative_biases(model)
+    transforms.fold_batchnorms(model)
+    transforms.fold_attention_scales(model)
+    transforms.transpose_token_linears(model)
+    transforms.use_onnx_attention(model)
+    used = {p.data_ptr() for p in model.parameters()}
+    assert set(weights.values()) <= used, sorted(n for n, ptr in weights.items() if ptr not in used)
+    x, y = reference(name)
+    with torch.no_grad():
+        assert_matches(model(torch.from_numpy(x)).numpy(), y)
+
+
+@pytest.mark.parametrize("kind", ["model.safetensors", "pytorch_model.bin"])
+def test_export_never_writes_the_memory_mapped_checkpoint(kind: str, tmp_path: Path) -> None:
+    """Both checkpoint kinds are memory-mapped and rewritten in place (copy on write): the file
+    keeps its bytes, and the export matches timm."""
+    name = "coatnet_bn_0_rw"
+    path = tmp_path / kind
+    tensors = load_file(FIXTURES / f"{name}.safetensors")
+    save_file(tensors, str(path)) if kind.endswith(".safetensors") else torch.save(tensors, path)
+    before = path.read_bytes()
+    spec, meta = fixture_spec(name)
+    outcome = run_export(
+        ExportOptions(
+            architecture=spec,
+            output=tmp_path / "export",
+            img_size=tuple(meta["img_size"]),
+            checkpoint=path,
+            reference_outputs=FIXTURES / f"{name}.io.npz",
+            samples=1,
+        ),
+        Progress(enabled=False),
+    )
+    recorded = [r for r in outcome.results if r.case.startswith("recorded")]
+    assert outcome.passed and recorded[0].max_rel <= GATE
+    assert path.read_bytes() == before
+
+
 def test_large_biases_are_stored_as_tables_with_a_shared_index(tmp_path: Path, monkeypatch) -> None:
     """Past COMPACT_SHARE the graph keeps each block's table and gathers it with one index
     shared by a stage's blocks (coatnet_rmlp_2_rw_384's case); still exact. At 160 x 160
