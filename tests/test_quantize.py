@@ -81,12 +81,12 @@ def test_static_quantization_meets_the_accuracy_targets(tmp_path: Path, digits, 
         if all(producer.get(i) == "DequantizeLinear" for i in n.input)
     ]
     assert int8_inputs.count("Mul") == 3 and int8_inputs.count("GlobalAveragePool") >= 3
-    # laid out for onnxruntime: int8 MatMuls hand on float (MatMulIntegerToFloat), int8
-    # convolutions hand on int8 (QLinearConv); attention stays one fused operator
+    # laid out for onnxruntime: int8 MatMuls and Gemms hand on float (MatMulIntegerToFloat,
+    # QGemm), int8 convolutions hand on int8 (QLinearConv); attention stays one fused operator
     requantized = {
         producer.get(n.input[0]) for n in int8.graph.node if n.op_type == "QuantizeLinear"
     }
-    assert "Conv" in requantized and "MatMul" not in requantized
+    assert "Conv" in requantized and not {"MatMul", "Gemm"} & requantized
     assert "Attention" in producer.values()
     metadata = metadata_of(int8)
     assert metadata.quantization["mode"] == "static"

@@ -5,6 +5,7 @@ logits for them. Our PyTorch model and our ONNX export must reproduce those logi
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from coatnet_export.console import Progress
 from coatnet_export.errors import InputError
 from coatnet_export.export import transforms
 from coatnet_export.export.pipeline import ExportOptions, run_export
+from coatnet_export.quantize.presets import PRESETS
 from coatnet_export.sources.architecture import recognise_timm
 from coatnet_export.sources.timm_weights import fit_timm_state_dict
 from models import TIMM_VARIANTS, TimmSpec, architecture_from_dict, get_variant
@@ -264,11 +266,77 @@ def test_hub_folder_names_the_architecture(tmp_path: Path, run_cli) -> None:
     assert result.code == 2 and "not one of timm's CoAtNet family" in result.err
 
 
-def test_downstream_quantize_package_and_infer(tmp_path: Path, run_cli) -> None:
+@pytest.fixture(scope="module")
+def timm_export(tmp_path_factory) -> Path:
+    """The coatnet_rmlp_2_rw fixture exported with timm's 0.5 mean and std (made once)."""
+    export = tmp_path_factory.mktemp("timm") / "export"
+    assert export_fixture("coatnet_rmlp_2_rw", export, mean=(0.5,) * 3, std=(0.5,) * 3).passed
+    return export
+
+
+def copy_of(export: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "export"
+    shutil.copytree(export, copy)
+    return copy
+
+
+QUANTIZE = ("--random-calibration", "--calibration-samples", "4", "--gate", "cosine")
+
+
+@pytest.mark.parametrize(
+    "choice",
+    [("--target-cpu", name) for name in PRESETS] + [("--runtime", "openvino")],
+    ids=[*PRESETS, "openvino"],
+)
+def test_timm_int8_for_every_cpu_class_and_runtime(
+    choice: tuple[str, str], timm_export: Path, tmp_path: Path, run_cli
+) -> None:
+    """A timm export quantizes for every CPU class and in both runtimes' recipes, and passes
+    its gate."""
+    export = copy_of(timm_export, tmp_path)
+    result = run_cli("quantize", export, *QUANTIZE, *choice)
+    assert result.code == 0, result.err
+    report = json.loads((export / "quantization.json").read_text())
+    assert report["passed"] is True
+    if choice[0] == "--target-cpu":
+        assert report["choice"]["target_cpu"] == choice[1]
+
+
+def test_timm_export_packages_predicts_and_benches(
+    timm_export: Path, tmp_path: Path, run_cli
+) -> None:
+    """A timm export packages as e2e, for onnxruntime's ORT format, the browser and Triton,
+    predicts a folder of images and benchmarks."""
+    export = copy_of(timm_export, tmp_path)
+    for target in ("e2e", "ort"):  # e2e first: the web page runs the e2e model
+        assert run_cli("package", export, "--target", target).code == 0, target
+    for target in ("web", "triton"):
+        result = run_cli("package", export, "--target", target, "--output", tmp_path / target)
+        assert result.code == 0, (target, result.err)
+    images = tmp_path / "images"
+    images.mkdir()
+    from PIL import Image
+
+    for i in range(3):
+        pixels = np.random.default_rng(i).integers(0, 255, (70 + 10 * i, 90, 3), np.uint8)
+        Image.fromarray(pixels).save(images / f"{i}.png")
+    out = tmp_path / "predictions.parquet"
+    result = run_cli("predict", export, images, "--output", out, "--workers", "1")
+    assert result.code == 0, result.err
+    assert out.is_file()
+    summary = tmp_path / "bench.json"
+    result = run_cli(
+        "bench", export, "--no-torch", "--runs", "5", "--warmup", "0", "--batch", "1",
+        "--json", summary,
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    assert json.loads(summary.read_text())
+
+
+def test_downstream_quantize_package_and_infer(tmp_path: Path, run_cli, timm_export: Path) -> None:
     """A timm export goes through quantize, package --target e2e, info, validate and
     scripts/infer.py."""
-    export = tmp_path / "export"
-    assert export_fixture("coatnet_rmlp_2_rw", export, mean=(0.5,) * 3, std=(0.5,) * 3).passed
+    export = copy_of(timm_export, tmp_path)
     result = run_cli(
         "quantize", export, "--random-calibration", "--calibration-samples", "4",
         "--gate", "cosine",

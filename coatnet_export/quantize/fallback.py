@@ -13,7 +13,12 @@ from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, q
 from coatnet_export.console import Progress, quiet_libraries
 from coatnet_export.quantize.calibrate import METHODS, Inputs, SessionPlan
 from coatnet_export.quantize.evaluate import Agreement, agreement, logits, lowest_sqnr
-from coatnet_export.quantize.graph import DYNAMIC_OPS, compact_biases, nodes_to_float
+from coatnet_export.quantize.graph import (
+    DYNAMIC_OPS,
+    compact_biases,
+    float_into_float_readers,
+    nodes_to_float,
+)
 from coatnet_export.quantize.options import QuantPlan
 from coatnet_export.quantize.presets import QuantChoice
 from coatnet_export.quantize.recipes import Recipe
@@ -101,6 +106,7 @@ def quantize_once(
     model = onnx.load(str(raw))
     for path in (raw, raw.with_name(f"{raw.name}.data")):
         path.unlink(missing_ok=True)
+    float_into_float_readers(model)
     saved = compact_biases(model)
     save_model(model, out, external=True)
     return saved

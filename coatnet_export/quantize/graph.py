@@ -2,8 +2,9 @@
 
 prepare (quant_pre_process's optimisation and shape inference, file to file; spatial means as
 GlobalAveragePool) -> a :class:`Recipe` picks the op types to quantize and the nodes to keep
-float -> after quantization, each baked relative-position bias is stored as its table and an
-index (:func:`compact_biases`).
+float -> after quantization, activations that only move into float readers lose their
+QuantizeLinear / DequantizeLinear pair (:func:`float_into_float_readers`) and each baked
+relative-position bias is stored as its table and an index (:func:`compact_biases`).
 """
 
 from __future__ import annotations
@@ -259,6 +260,56 @@ def nodes_to_float(tensor: str, proto: onnx.ModelProto, excluded: set[str]) -> l
             return [node.name]
         frontier.extend(node.input)
     return []
+
+
+DATA_MOVEMENT = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")
+
+
+def float_into_float_readers(model: onnx.ModelProto) -> int:
+    """Remove each QuantizeLinear -> DequantizeLinear pair on an activation whose values only
+    move (Reshape, Transpose, ...) into operators that read float; returns how many.
+
+    Rounding such a tensor to 8 bits buys nothing (its readers dequantize it anyway) and, with
+    int8 activations on x86, it does not load: onnxruntime 1.32 moves the pair past the
+    Reshape (QDQ propagation, which writes ``output_dtype`` on the QuantizeLinear it adds), then
+    turns int8 zero points into uint8 for its x86 kernels but not that attribute
+    (timm's stage-transition shortcut convolution -> Reshape -> Transpose -> residual Add).
+    The operator before the pair then runs in float."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in model.graph.output}
+
+    def moved_into_float(name: str) -> bool:
+        if name in outputs:
+            return False
+        for reader in readers.get(name, []):
+            if reader.op_type == "QuantizeLinear":
+                return False
+            if reader.op_type in DATA_MOVEMENT and not moved_into_float(reader.output[0]):
+                return False
+        return bool(readers.get(name))
+
+    pairs = []
+    for dq in model.graph.node:
+        q = producers.get(dq.input[0]) if dq.op_type == "DequantizeLinear" else None
+        if (
+            q is not None
+            and q.op_type == "QuantizeLinear"
+            and len(readers[q.output[0]]) == 1
+            and q.input[0] in producers  # an activation, not a weight
+            and all(r.op_type in DATA_MOVEMENT for r in readers.get(dq.output[0], []))
+            and moved_into_float(dq.output[0])
+        ):
+            pairs.append((q, dq))
+    for q, dq in pairs:
+        for reader in readers[dq.output[0]]:
+            reader.input[:] = [q.input[0] if i == dq.output[0] else i for i in reader.input]
+        model.graph.node.remove(q)
+        model.graph.node.remove(dq)
+    return len(pairs)
 
 
 def compact_biases(model: onnx.ModelProto) -> int:

@@ -60,19 +60,24 @@ class Recipe:
 POOLS_AND_GATES = (*ARITHMETIC, "MaxPool", "GlobalAveragePool", "Mul")
 DEFAULT_RECIPE = Recipe(
     "onnxruntime",
-    "arithmetic+pools+gates, float stem+head, float MatMul outputs",
+    "arithmetic+pools+gates, float stem+head, float MatMul/Gemm outputs",
     POOLS_AND_GATES,
     float_first_last=True,
-    float_outputs=("MatMul",),
+    float_outputs=("MatMul", "Gemm"),
 )
 """For onnxruntime. Convolutions, linear layers, the pools and the squeeze-excitation gates in
 int8, so the MBConv blocks stay int8 between convolutions except around GELU; the stem
 convolution and the head, LayerNormalization, Softmax, GELU, attention and the bias and
-residual Adds stay float. The Transformer blocks' MatMuls hand on float results
-(MatMulIntegerToFloat): what reads them (attention, the bias and residual Adds, GELU) is float
-anyway, so a QuantizeLinear -> DequantizeLinear pair after each only cost time (coatnet_0 on
-an Intel Xeon with AMX: 1.54x -> 1.66x at batch 1, 1.59x -> 1.71x at batch 8, same digits
-agreement; scripts/bench_quantize.py --recipes compares the alternatives)."""
+residual Adds stay float. The Transformer blocks' linear layers (MatMul, or Gemm where they
+have a bias) hand on float results (MatMulIntegerToFloat, QGemm with a float output): what
+reads them (attention, the bias and residual Adds, GELU) is float anyway, so a QuantizeLinear
+-> DequantizeLinear pair after each only cost time (coatnet_0 on an Intel Xeon with AMX, float
+MatMul outputs: 1.54x -> 1.66x at batch 1, 1.59x -> 1.71x at batch 8, same digits agreement;
+timm's coatnet_0_rw_224 on an AMD EPYC Zen 4, float Gemm outputs too: 3.4 % / 3.7 % faster
+at batch 1 / 8). A Gemm's requantized output also met an onnxruntime 1.32 fault with int8
+activations: its x86 QDQ rewrite made a QuantizeLinear whose zero point disagrees with its
+output type when the Gemm fed a Reshape before attention (timm's biased q/k/v projections),
+and the model did not load (scripts/bench_quantize.py --recipes compares the alternatives)."""
 OPENVINO_RECIPE = Recipe(
     "openvino",
     "arithmetic+pools+gates, float stem+head, float Conv/MatMul/Gemm outputs, split attention",
