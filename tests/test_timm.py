@@ -300,6 +300,9 @@ def test_timm_int8_for_every_cpu_class_and_runtime(
     assert report["passed"] is True
     if choice[0] == "--target-cpu":
         assert report["choice"]["target_cpu"] == choice[1]
+    int8 = onnx.load(str(export / "model.int8.onnx"), load_external_data=False)
+    used = {name for node in int8.graph.node for name in node.input}
+    assert [t.name for t in int8.graph.initializer if t.name not in used] == []
 
 
 def test_timm_export_packages_predicts_and_benches(

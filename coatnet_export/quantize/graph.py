@@ -304,11 +304,17 @@ def float_into_float_readers(model: onnx.ModelProto) -> int:
             and moved_into_float(dq.output[0])
         ):
             pairs.append((q, dq))
+    parameters = set()
     for q, dq in pairs:
         for reader in readers[dq.output[0]]:
             reader.input[:] = [q.input[0] if i == dq.output[0] else i for i in reader.input]
+        parameters |= {*q.input[1:], *dq.input[1:]}
         model.graph.node.remove(q)
         model.graph.node.remove(dq)
+    used = {name for node in model.graph.node for name in node.input}
+    unused = [t for t in model.graph.initializer if t.name in parameters - used]
+    for tensor in unused:  # the pairs' scales and zero points (onnxruntime warns of them)
+        model.graph.initializer.remove(tensor)
     return len(pairs)
 
 
