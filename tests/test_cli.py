@@ -218,6 +218,19 @@ def test_variants_lists_counts(run_cli) -> None:
     assert len(timm) == 22 and timm["coatnet_0_rw_224"]["parameters"] == 27_435_562
 
 
+def test_variants_outcome_at_another_resolution() -> None:
+    """run_variants computes every architecture at the asked resolution: more tokens cost more,
+    and only the relative-bias tables (whose size follows the resolution) add parameters."""
+    from coatnet_export.catalog import VariantsOptions, run_variants
+
+    at_224 = run_variants(VariantsOptions()).as_dict()
+    outcome = run_variants(VariantsOptions(img_size=(384, 384)))
+    assert "GMACs@384x384" in outcome.headers() and len(outcome.as_dict()) == len(at_224) == 30
+    for small, large in zip(at_224, outcome.as_dict(), strict=True):
+        assert small["parameters"] <= large["parameters"] and large["gmacs"] > small["gmacs"]
+    assert outcome.rows()[0]["parameters"] == f"{outcome.as_dict()[0]['parameters']:,}"
+
+
 def test_console_script_no_traceback(tmp_path: Path) -> None:
     """The installed entry point itself: a bad variant gives one line and exit 2."""
     result = subprocess.run(
