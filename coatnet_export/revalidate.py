@@ -11,7 +11,7 @@ from coatnet_export.describe import load_proto, metadata_of, resolve_model_path
 from coatnet_export.errors import InputError
 from coatnet_export.metadata import ExportMetadata
 from coatnet_export.sources import CHECKPOINT_FORMATS, CheckpointFormat
-from coatnet_export.sources.checkpoint import read_checkpoint
+from coatnet_export.sources.checkpoint import StateDict, read_checkpoint
 from coatnet_export.sources.hub import weights_file
 from coatnet_export.sources.model_source import (
     ModelSpec,
@@ -98,40 +98,20 @@ class ValidateOutcome:
 
 def run_validate(options: ValidateOptions, progress: Progress) -> ValidateOutcome:
     """Rebuild the reference the metadata describes and compare it with the ONNX model run in
-    ``runtime``."""
+    ``runtime``: read the model's record -> plan the reference -> build it -> reference outputs
+    -> validate."""
     opts = options
-    checkpoint, samples, images = opts.checkpoint, opts.samples, list(opts.images)
-    model_path = resolve_model_path(opts.model)
-    metadata = metadata_of(load_proto(model_path), model_path)
-    if metadata is None:
-        raise InputError(
-            f"{model_path} has no coatnet-export metadata, so its architecture is "
-            "unknown; re-export it with coatnet-export"
-        )
-    if checkpoint is None and metadata.seed is None:
-        raise InputError(f"{model_path} was exported from {metadata.weights}; pass --checkpoint")
+    model_path, metadata = read_record(opts)
     batch = None if metadata.batch == "dynamic" else int(metadata.batch)
-    if nothing_to_validate(samples, batch, LARGE_BATCH, images, recorded=False):
+    if nothing_to_validate(opts.samples, batch, LARGE_BATCH, list(opts.images), recorded=False):
         raise InputError(NOTHING_TO_VALIDATE)
-    architecture, numerics = recorded_architecture(model_path, metadata)
-    img_size = (metadata.img_size[0], metadata.img_size[1])
-    if checkpoint is None:
-        spec = ModelSpec(
-            architecture, img_size, metadata.in_channels, metadata.num_classes, numerics
-        )
-        state_dict = None
-    else:
-        source = read_checkpoint(weights_file(checkpoint), checkpoint_format(metadata))
-        spec, state_dict = plan_model(
-            architecture, source, img_size, metadata.in_channels, metadata.num_classes
-        )
-    held = samples * (batch or 1) + (LARGE_BATCH if batch is None else 0)
+    spec, state_dict = plan_reference(opts, model_path, metadata)
+    held = opts.samples * (batch or 1) + (LARGE_BATCH if batch is None else 0)
     check_memory(spec, batch or LARGE_BATCH, held, "the model is too large for this machine")
-    preprocessing = metadata.preprocessing()
     warnings = []
     progress.expect(3)
     with progress.step("building the PyTorch reference"):
-        reference = load_reference(spec, state_dict, str(checkpoint), metadata.seed or 0)
+        reference = load_reference(spec, state_dict, str(opts.checkpoint), metadata.seed or 0)
         if weights_sha256(reference.model) != metadata.weights_sha256:
             warnings.append(
                 "these weights differ from the ones the model was exported from "
@@ -142,11 +122,11 @@ def run_validate(options: ValidateOptions, progress: Progress) -> ValidateOutcom
             spec.in_channels,
             spec.img_size,
             metadata.seed or 0,
-            samples,
+            opts.samples,
             batch,
             LARGE_BATCH,
-            images,
-            preprocessing,
+            list(opts.images),
+            metadata.preprocessing(),
         )
         add_reference_outputs(reference.model, cases)
         warnings += [f"skipped unreadable image {s}" for s in skipped]
@@ -162,3 +142,34 @@ def run_validate(options: ValidateOptions, progress: Progress) -> ValidateOutcom
             precision=opts.precision,
         )
     return ValidateOutcome(model_path, results, warnings, opts.runtime)
+
+
+def read_record(opts: ValidateOptions) -> tuple[Path, ExportMetadata]:
+    """The model file and the metadata coatnet-export recorded in it (refused without one, or
+    without the weights it names)."""
+    model_path = resolve_model_path(opts.model)
+    metadata = metadata_of(load_proto(model_path), model_path)
+    if metadata is None:
+        raise InputError(
+            f"{model_path} has no coatnet-export metadata, so its architecture is "
+            "unknown; re-export it with coatnet-export"
+        )
+    if opts.checkpoint is None and metadata.seed is None:
+        raise InputError(f"{model_path} was exported from {metadata.weights}; pass --checkpoint")
+    return model_path, metadata
+
+
+def plan_reference(
+    opts: ValidateOptions, model_path: Path, metadata: ExportMetadata
+) -> tuple[ModelSpec, StateDict | None]:
+    """The recorded architecture at the recorded size, with the checkpoint's tensors (none for
+    seeded weights)."""
+    architecture, numerics = recorded_architecture(model_path, metadata)
+    img_size = (metadata.img_size[0], metadata.img_size[1])
+    if opts.checkpoint is None:
+        spec = ModelSpec(
+            architecture, img_size, metadata.in_channels, metadata.num_classes, numerics
+        )
+        return spec, None
+    source = read_checkpoint(weights_file(opts.checkpoint), checkpoint_format(metadata))
+    return plan_model(architecture, source, img_size, metadata.in_channels, metadata.num_classes)
