@@ -222,7 +222,7 @@ def _fold_output_norm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     scale, shift = _bn_affine(bn)
     bias = shift if conv.bias is None else conv.bias * scale + shift
     conv.weight.mul_(scale.reshape((-1,) + (1,) * (conv.weight.ndim - 1)))
-    conv.bias = nn.Parameter(bias.detach().clone())
+    conv.bias = nn.Parameter(bias)
     return conv
 
 
