@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from coatnet_export.console import Progress
 from coatnet_export.describe import metadata_of
 from coatnet_export.export.external_data import write_self_contained
+from coatnet_export.export.gathers import gather_in_final_shape
 from coatnet_export.export.pipeline import ExportOptions, rejected_path, run_export
 from coatnet_export.export.transforms import (
     SplitProjection,
@@ -273,3 +274,60 @@ def test_seeded_and_checkpoint_tables_are_not_trivial() -> None:
     init_weights(model, 0)
     assert isinstance(model, CoAtNet)
     assert all(a.relative_bias_table.abs().mean() > 0.1 for a in model.attention_blocks())
+
+
+def _lookup_model(extra_reader: bool) -> onnx.ModelProto:
+    """x + Reshape(Gather(table, Reshape(index, [-1]), axis=2), (1, 2, 3, 3)), as the exporters
+    write a shared-index bias; ``extra_reader`` also reads the flat index elsewhere."""
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((1, 2, 5)).astype(np.float32)
+    index = rng.integers(0, 5, 9).astype(np.int64)
+    h = onnx.helper
+    nodes = [
+        h.make_node("Reshape", ["index", "flat"], ["index_flat"]),
+        h.make_node("Gather", ["table", "index_flat"], ["gathered"], axis=2),
+        h.make_node("Reshape", ["gathered", "bias_shape"], ["bias"]),
+        h.make_node("Add", ["x", "bias"], ["y"]),
+    ]
+    outputs = [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2, 3, 3])]
+    if extra_reader:
+        nodes.append(h.make_node("Cast", ["index_flat"], ["index_float"], to=1))
+        outputs.append(h.make_tensor_value_info("index_float", onnx.TensorProto.FLOAT, [9]))
+    graph = h.make_graph(
+        nodes,
+        "lookup",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2, 3, 3])],
+        outputs,
+        [
+            numpy_helper.from_array(table, "table"),
+            numpy_helper.from_array(index, "index"),
+            numpy_helper.from_array(np.array([-1], np.int64), "flat"),
+            numpy_helper.from_array(np.array([1, 2, 3, 3], np.int64), "bias_shape"),
+        ],
+    )
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 21)])
+
+
+@pytest.mark.parametrize("extra_reader", [False, True])
+def test_lookups_gather_in_their_final_shape(extra_reader: bool) -> None:
+    """The Reshapes around a constant lookup go (the index takes the (3, 3) shape) unless the
+    flat index is read elsewhere; onnxruntime's result is the same either way."""
+    model = _lookup_model(extra_reader)
+    x = np.random.default_rng(1).standard_normal((1, 2, 3, 3)).astype(np.float32)
+
+    def run(m: onnx.ModelProto) -> list[np.ndarray]:
+        onnx.checker.check_model(m, full_check=True)
+        session = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, {"x": x})
+
+    before = run(model)
+    rewritten = gather_in_final_shape(model)
+    after = run(model)
+    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+    ops = [n.op_type for n in model.graph.node]
+    index = next(t for t in model.graph.initializer if t.name == "index")
+    if extra_reader:
+        assert rewritten == 0 and ops.count("Reshape") == 2 and list(index.dims) == [9]
+    else:
+        assert rewritten == 1 and "Reshape" not in ops and list(index.dims) == [3, 3]
+        assert {t.name for t in model.graph.initializer} == {"table", "index"}

@@ -225,6 +225,12 @@ def test_large_biases_are_stored_as_tables_with_a_shared_index(tmp_path: Path, m
     gathers = [n for n in model.graph.node if n.op_type == "Gather"]
     assert len(gathers) == 2  # stage 3's blocks; stage 4's small grid is folded to constants
     assert len({n.input[1] for n in gathers}) == 1
+    # each lookup gathers straight into (1, heads, N, N) with the (N, N) index: a Reshape
+    # after it would make onnxruntime keep two folded copies of every bias
+    index = next(t for t in model.graph.initializer if t.name == gathers[0].input[1])
+    assert list(index.dims) == [100, 100]  # stage 3 at 160 x 160: 10 x 10 tokens
+    readers = {n.op_type for n in model.graph.node for g in gathers if g.output[0] in n.input}
+    assert readers == {"Attention"}
 
 
 def test_recognises_architectures_from_keys() -> None:

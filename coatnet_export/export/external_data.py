@@ -13,6 +13,7 @@ import onnx
 from onnx.external_data_helper import uses_external_data
 
 from coatnet_export.errors import InputError
+from coatnet_export.export.gathers import gather_in_final_shape
 from coatnet_export.layout import data_file
 from coatnet_export.metadata import ExportMetadata, write_props
 
@@ -46,7 +47,8 @@ class GraphSummary:
 def package_model(
     path: Path, metadata: ExportMetadata, threshold: int = EXTERNAL_DATA_THRESHOLD
 ) -> GraphSummary:
-    """Rewrite ``path`` in place with ``metadata``, check it, and store its weights by size.
+    """Rewrite ``path`` in place with ``metadata`` and its lookups gathering in their final
+    shape (:mod:`~coatnet_export.export.gathers`), check it, and store its weights by size.
 
     Weights above ``threshold`` bytes live in one ``<name>.data`` file referenced relatively,
     so the pair can be moved together; smaller models become one self-contained file,
@@ -61,6 +63,7 @@ def package_model(
     }
     want_external = weight_bytes > threshold
     target = data_file(path)
+    gather_in_final_shape(model)
     write_props(model, metadata)
     onnx.save_model(model, str(path))  # the graph; the weights stay where the exporter put them
     summary = check_model(path)
