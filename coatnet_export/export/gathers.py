@@ -56,30 +56,32 @@ def gather_in_final_shape(model: onnx.ModelProto) -> int:
 
 
 def _shaped_lookup(graph: onnx.GraphProto, gather: onnx.NodeProto) -> ShapedLookup | None:
-    if gather.op_type != "Gather" or _initializer(graph, gather.input[0]) is None:
-        return None
+    table = _initializer(graph, gather.input[0]) if gather.op_type == "Gather" else None
     readers = [n for n in graph.node if gather.output[0] in n.input]
-    if len(readers) != 1 or readers[0].op_type != "Reshape" or gather.output[0] in _outputs(graph):
+    if (
+        table is None
+        or len(readers) != 1
+        or readers[0].op_type != "Reshape"
+        or gather.output[0] in _outputs(graph)
+    ):
         return None
     reshape = readers[0]
     target = _constant(graph, reshape.input[1])
     root = _index_root(graph, gather.input[1])
-    if target is None or root is None:
+    index = _initializer(graph, root) if root is not None else None
+    if target is None or root is None or index is None:
         return None
-    data = list(_initializer(graph, gather.input[0]).dims)  # type: ignore[union-attr]
+    data = list(table.dims)
     axis = _axis(gather) % len(data)
-    index = _initializer(graph, root)
-    count = int(np.prod(index.dims))  # type: ignore[union-attr]
     shape = [int(d) for d in target]
-    split = len(shape) - (len(data) - axis - 1)
+    split = len(shape) - (len(data) - axis - 1)  # where the dims after the gathered axis start
     if -1 in shape or 0 in shape or split <= axis:
         return None
-    kept_before, kept_after = shape[:axis], shape[split:]
     index_shape = tuple(shape[axis:split])
     if (
-        kept_before != data[:axis]
-        or kept_after != data[axis + 1 :]
-        or int(np.prod(index_shape)) != count
+        shape[:axis] != data[:axis]
+        or shape[split:] != data[axis + 1 :]
+        or int(np.prod(index_shape)) != int(np.prod(index.dims))
     ):
         return None
     return ShapedLookup(gather, reshape, root, index_shape)
