@@ -28,11 +28,23 @@ from coatnet_export.bench import BenchOptions, BenchPlan, BenchTarget, benchmark
 from coatnet_export.console import Progress, render_table
 from coatnet_export.export.pipeline import ExportOptions, run_export
 from coatnet_export.metadata import write_json
+from models import TIMM_VARIANTS, variant_cost
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_runtimes import cpu_model
 
-COLUMNS = ("arch", "name", "threads", "batch", "p50_ms", "p90_ms", "images_per_s", "speedup")
+COLUMNS = (
+    "arch",
+    "name",
+    "threads",
+    "batch",
+    "p50_ms",
+    "p90_ms",
+    "images_per_s",
+    "pct_of_peak",
+    "speedup",
+)
+"""pct_of_peak: the model's GFLOP/s as a share of a 2048² fp32 MatMul's in the same rounds."""
 BASELINE = "timm onnx fp32"
 
 
@@ -67,7 +79,8 @@ def bench_folder(folder: Path, args: argparse.Namespace) -> list[dict]:
     targets: list[BenchTarget] = [model_target(name, path) for name, path in paths.items()]
     size = json.loads((folder / "config.json").read_text())["pretrained_cfg"]["input_size"]
     shape = (int(size[0]), int(size[1]), int(size[2]))
-    plan = BenchPlan(targets, {n: str(p) for n, p in paths.items()}, shape, None)
+    macs = variant_cost(TIMM_VARIANTS[arch], shape[1:]).macs  # the same work for all three
+    plan = BenchPlan(targets, {n: str(p) for n, p in paths.items()}, shape, macs)
     options = BenchOptions(
         batches=tuple(args.batch), threads=tuple(args.threads), runs=args.runs, warmup=args.warmup
     )
@@ -90,7 +103,11 @@ def main() -> None:
     args.batch, args.threads = args.batch or [1, 8], args.threads or [2]
     rows = [row for folder in args.folders for row in bench_folder(folder, args)]
     shown = [
-        {**r, **{k: f"{r[k]:.2f}" for k in ("p50_ms", "p90_ms", "images_per_s", "speedup")}}
+        {
+            **r,
+            **{k: f"{r[k]:.2f}" for k in ("p50_ms", "p90_ms", "images_per_s", "speedup")},
+            "pct_of_peak": f"{r['pct_of_peak']:.0f}" if r["pct_of_peak"] is not None else "",
+        }
         for r in rows
     ]
     print(f"\nCPU: {cpu_model()}")
