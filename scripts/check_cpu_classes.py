@@ -14,7 +14,9 @@ probability difference against fp32, and against the gate's measurement (what
 quantized for the class it runs on must agree with the gate's measurement (top-1 on every
 image, |dp| <= --max-dp); a model for another class is shown, not judged (that is what
 infer.py's warning is for). Exit 0: every judged row passed; 1: a failure; 2: bad usage.
-Emulated run times are not performance figures; none is reported.
+Emulated run times are not performance figures; none is reported. ``--export DIR`` checks
+another fp32 export the same way (e.g. a timm model: ``coatnet-export --checkpoint HUB_FOLDER``),
+calibrated and tested on the same digits, with no accuracy column.
 
 Needs qemu-user >= 8 (Debian bookworm-backports: ``apt-get install -t bookworm-backports
 qemu-user qemu-user-static``; qemu 7.2's AVX2 emulation computes numpy's fmin wrongly) and,
@@ -82,7 +84,8 @@ class Row:
     detected: str
     model: str
     images: int
-    top1_accuracy: float
+    top1_accuracy: float | None
+    """Against the digits' labels; None for another model (--export)."""
     top1_vs_fp32: float
     max_dp_vs_fp32: float
     top1_vs_gate: float
@@ -91,14 +94,18 @@ class Row:
     result: str
 
 
-def make_fixture(work: Path, images: int, say) -> dict[str, Path]:
-    """The digits export, one int8 copy per preset (64 calibration digits), ``images``
-    held-out digits; returns model name -> path."""
+def make_fixture(work: Path, images: int, say, export: Path | None = None) -> dict[str, Path]:
+    """The digits export (or a copy of ``export``), one int8 copy per preset (64 calibration
+    digits), ``images`` held-out digits; returns model name -> path."""
     train, test = split()
     write_images(work / "calibration", train[:64])
     write_images(work / "test", test[:images])
-    say("exporting the digits fixture")
-    run_export(export_options(work / "export"), Progress(enabled=False))
+    if export is None:
+        say("exporting the digits fixture")
+        run_export(export_options(work / "export"), Progress(enabled=False))
+    else:
+        say(f"copying {export}")
+        shutil.copytree(export, work / "export", ignore=shutil.ignore_patterns("*int8*", "ort"))
     models = {"fp32": work / "export" / "model.onnx"}
     for target in PRESETS:
         folder = work / f"int8-{target}"
@@ -252,7 +259,7 @@ def compare(
     probs: dict,
     fp32: dict,
     gate: dict,
-    labels: dict,
+    labels: dict | None,
     judged: bool,
     limits: tuple[float, float],
 ) -> Row:
@@ -268,7 +275,9 @@ def compare(
         detected,
         name,
         len(names),
-        float(np.mean([p[i].argmax() == labels[n] for i, n in enumerate(names)])),
+        float(np.mean([p[i].argmax() == labels[n] for i, n in enumerate(names)]))
+        if labels is not None
+        else None,
         float((p.argmax(1) == f.argmax(1)).mean()),
         float(np.abs(p - f).max()),
         agree_gate,
@@ -303,8 +312,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         default=Path(os.environ.get("COATNET_ARM64_CACHE", "/var/cache/coatnet-arm64")),
     )
+    parser.add_argument(
+        "--export",
+        type=Path,
+        help="check this fp32 export (e.g. a timm model) instead of the digits fixture; the "
+        "digits are still its calibration and test images, so no accuracy is shown",
+    )
     parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args(argv)
+    if args.export is not None and not (args.export / "model.onnx").is_file():
+        parser.error(f"{args.export} holds no model.onnx (pass a folder coatnet-export wrote)")
     args.classes = args.classes.split(",")
     unknown = [c for c in args.classes if c not in CLASSES]
     if unknown or not 1 <= args.images <= 360:
@@ -330,11 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     host = preset_for(read_cpu()).name
     with tempfile.TemporaryDirectory(prefix="cpu-classes.") as tmp:
         work = Path(tmp)
-        models = make_fixture(work, args.images, say)
+        models = make_fixture(work, args.images, say, args.export)
         shutil.copy(REPO / "scripts" / "infer.py", work / "infer.py")
         (work / "probe.py").write_text(PROBE)
         images = sorted((work / "test").rglob("*.png"))
-        labels = {p.name: int(p.parent.name) for p in images}
+        labels = {p.name: int(p.parent.name) for p in images} if args.export is None else None
         say(f"the gate's measurements on this machine ({host})")
         gates = {
             name: dict(
