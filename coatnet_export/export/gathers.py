@@ -39,8 +39,9 @@ def gather_in_final_shape(model: onnx.ModelProto) -> int:
     for root, group in by_root.items():
         if not _index_only_feeds(graph, root, group):
             continue
-        tensor = next(t for t in graph.initializer if t.name == root)
-        tensor.dims[:] = group[0].index_shape  # the same bytes, row-major
+        index = _initializer(graph, root)
+        assert index is not None  # _shaped_lookup found it
+        index.dims[:] = group[0].index_shape  # the same bytes, row-major
         chains = [
             n
             for n in graph.node
@@ -56,7 +57,9 @@ def gather_in_final_shape(model: onnx.ModelProto) -> int:
 
 
 def _shaped_lookup(graph: onnx.GraphProto, gather: onnx.NodeProto) -> ShapedLookup | None:
-    table = _initializer(graph, gather.input[0]) if gather.op_type == "Gather" else None
+    if gather.op_type != "Gather":
+        return None
+    table = _initializer(graph, gather.input[0])
     readers = [n for n in graph.node if gather.output[0] in n.input]
     if (
         table is None
