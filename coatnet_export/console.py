@@ -61,6 +61,16 @@ class Progress:
 
         return report
 
+    def snapshot(self) -> tuple[int, int, bool, bool]:
+        """The state another process's progress continues from (steps, open line, enabled)."""
+        return self.total, self.done, self._open, self.enabled
+
+    def restore(self, total: int, done: int, is_open: bool, enabled: bool, text: str) -> None:
+        """Take over another process's state after it wrote ``text``, and write it here."""
+        self.total, self.done, self._open = total, done, is_open
+        if enabled:
+            self._write(text)
+
     def _end(self, text: str) -> None:
         self._write(text if self._open else f"      ...{text}")
         self._open = False

@@ -652,18 +652,48 @@ def test_signal_during_dynamo_export(tmp_path: Path, assets: Assets, signum: int
     process = start_export(assets, tmp_path / "out")
     seen = wait_for(process, "exporting with the dynamo exporter")
     time.sleep(1.0)  # inside dynamo's tracing
+    workers = children(process.pid)
+    assert workers  # the PyTorch half's process (and multiprocessing's resource tracker)
     process.send_signal(signum)
     result = finish(process, seen)
     assert result.code == code, result.err
     assert result.err.rstrip().endswith("aborted") and "Traceback" not in result.err
     assert listing(tmp_path) == set(), listing(tmp_path)
+    assert all_gone(workers)  # stopped with the command
+
+
+def children(pid: int) -> list[int]:
+    return [
+        int(child)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    ]
+
+
+def all_gone(pids: list[int], within_s: float = 10) -> bool:
+    """Every process in ``pids`` has ended, or does within ``within_s`` (a busy machine)."""
+    deadline = time.monotonic() + within_s
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not any(alive(pid) for pid in pids)
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 def test_sigkill_then_rerun_cleans_stale_staging(tmp_path: Path, assets: Assets, run_cli) -> None:
     process = start_export(assets, tmp_path / "out")
     wait_for(process, "exporting with the dynamo exporter")
+    workers = children(process.pid)
     process.kill()
     process.wait()
+    assert all_gone(workers)  # the kernel killed the PyTorch half too
     left = staging_left(tmp_path)
     assert any(".out.partial-" in p for p in left) and ".out.lock" in left, left
     result = run_cli(*export_args(assets, tmp_path / "out", "--samples", "1"))

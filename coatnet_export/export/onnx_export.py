@@ -28,9 +28,6 @@ DEFAULT_OPSET: dict[Exporter, int] = {"dynamo": FUSED_ATTENTION_OPSET, "torchscr
 """Opset 23 gives the dynamo exporter ONNX's Attention (and, from 20, its Gelu); the
 TorchScript exporter's GELU pattern is fused by onnxruntime at opset 17 already."""
 
-M_MMAP_THRESHOLD = -3
-"""glibc's ``mallopt`` parameter: the size from which a block gets its own mapping."""
-
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 BATCH_DIM = "batch"
@@ -164,10 +161,4 @@ def release_exporter_memory() -> None:
     gc.collect()
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL("libc.so.6")
-            libc.malloc_trim(0)
-            # from here on, blocks of 1 MiB and more (onnxruntime's activations) are mapped on
-            # their own and unmapped when freed: glibc would otherwise raise this threshold to
-            # the largest freed block and keep freed activations in its heap (0.14 GiB more
-            # peak at batch 4 for coatnet_rmlp_2_rw_384)
-            libc.mallopt(M_MMAP_THRESHOLD, 2**20)
+            ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -1,40 +1,27 @@
 """The export command's data flow, top to bottom.
 
-build the reference -> record reference outputs -> bake biases, fold BatchNorm -> export ONNX ->
-free PyTorch -> package and check -> validate in onnxruntime -> publish (or reject).
+check the paths -> [a PyTorch child process: check against the model, build the reference,
+record its outputs, bake biases, fold BatchNorm, export ONNX, package] -> validate in
+onnxruntime -> publish (or reject).
+
+The PyTorch half (:mod:`coatnet_export.export.build`) runs in a spawned child that exits
+before validation: this process never imports PyTorch, so the export's peak memory is the
+larger of the two halves, not onnxruntime's on top of what PyTorch and its exporter leave
+behind (about 0.5 GiB).
 """
 
 from __future__ import annotations
 
+import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import onnx
-import onnxruntime
-import torch
-
-import coatnet_export
+from coatnet_export.child import run_in_child
 from coatnet_export.console import Progress
 from coatnet_export.errors import InputError, writing
-from coatnet_export.export.external_data import EXTERNAL_DATA_THRESHOLD, GraphSummary, package_model
-from coatnet_export.export.onnx_export import (
-    AttentionGraph,
-    Exporter,
-    GraphChoice,
-    choose_graph,
-    export_onnx,
-    release_exporter_memory,
-)
-from coatnet_export.export.transforms import (
-    bake_relative_biases,
-    fold_attention_scales,
-    fold_batchnorms,
-    transpose_token_linears,
-    use_onnx_attention,
-)
+from coatnet_export.export.external_data import EXTERNAL_DATA_THRESHOLD, GraphSummary
+from coatnet_export.export.onnx_export import AttentionGraph, Exporter
 from coatnet_export.layout import MANIFEST_FILE, MODEL_FILE, VALIDATION_FILE
 from coatnet_export.metadata import ExportMetadata, write_json
 from coatnet_export.output import (
@@ -45,36 +32,19 @@ from coatnet_export.output import (
     publish,
     staging,
 )
-from coatnet_export.preprocess import Preprocessing
-from coatnet_export.sources.checkpoint import CheckpointFormat, StateDict, read_checkpoint
-from coatnet_export.sources.hub import HubFolder, read_hub_folder
-from coatnet_export.sources.model_source import (
-    ModelSpec,
-    ReferenceModel,
-    load_reference,
-    plan_model,
-    weights_sha256,
-)
-from coatnet_export.sources.resources import check_memory
+from coatnet_export.sources import CheckpointFormat
 from coatnet_export.validate import (
     NOTHING_TO_VALIDATE,
     Case,
     CaseResult,
     Gates,
-    add_reference_outputs,
-    build_cases,
     nothing_to_validate,
-    read_recorded,
-    recorded_case,
     validate_onnx,
 )
-from models import TIMM_VARIANTS, TimmSpec, VariantSpec
+from models import TimmSpec, VariantSpec
 
-PREPROCESSING_OPTIONS = ("mean", "std", "crop_pct", "interpolation", "crop_mode")
-RESIZE_DESCRIPTIONS = {
-    "center": "scale to cover img_size / crop_pct keeping aspect, then centre crop",
-    "squash": "scale each axis to floor(img_size / crop_pct) (aspect not kept), then centre crop",
-}
+EXPORT_STEPS = "coatnet_export.export.build:export_steps"
+"""The PyTorch half, named (importing it here would import PyTorch)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,6 +90,10 @@ class ExportOptions:
     report: Path | None = None
     """Also write the validation report here (checked up front, written with the model)."""
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
+    in_process: bool | None = None
+    """Run the PyTorch half here (True: debuggers, profilers) or in a child process (False);
+    None: in a child unless this process has imported PyTorch already (it then holds PyTorch's
+    memory anyway, and a child would import it a second time)."""
 
 
 @dataclass
@@ -165,26 +139,21 @@ class ExportOutcome:
         }
 
 
-def versions() -> dict[str, str]:
-    return {
-        "coatnet_export": coatnet_export.__version__,
-        "torch": torch.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-    }
-
-
-@dataclass(frozen=True)
-class ExportPlan:
-    """The options resolved once against the model: what the heavy part builds."""
+@dataclass
+class BuiltModel:
+    """What the PyTorch half hands back: the staged model and the cases with their reference
+    outputs (no PyTorch object)."""
 
     options: ExportOptions
-    spec: ModelSpec
-    graph: GraphChoice
-    preprocessing: Preprocessing
-    recorded_cases: list[Case]
-    """The --reference-outputs case, if any."""
-    checkpoint_format: str | None
+    """The options resolved against the model (preprocessing and labels filled in)."""
+    metadata: ExportMetadata
+    graph: GraphSummary
+    cases: list[Case]
+    skipped_images: list[str]
+    baked_bias_bytes: int
+    folded_batchnorms: int
+    warnings: list[str]
+    export_s: float
 
 
 def run_export(opts: ExportOptions, progress: Progress) -> ExportOutcome:
@@ -195,70 +164,18 @@ def run_export(opts: ExportOptions, progress: Progress) -> ExportOutcome:
     ``<output>.rejected`` instead; the report (``opts.report``) is written in both cases.
     """
     inputs = input_paths(opts)
-    hub = read_hub_folder(opts.checkpoint) if opts.checkpoint and opts.checkpoint.is_dir() else None
-    opts = with_hub_config(opts, hub)
-    graph, recorded = check_request(opts, inputs)
-    weights = hub.weights if hub else opts.checkpoint
-    checkpoint = read_checkpoint(weights, opts.checkpoint_format) if weights else None
-    spec, state_dict = plan_model(
-        opts.architecture or hub_architecture(hub),
-        checkpoint,
-        opts.img_size,
-        opts.in_channels,
-        opts.num_classes,
-    )
-    opts = with_architecture_defaults(opts, spec.architecture)
-    opts = with_hub_labels(opts, hub, spec.num_classes)
-    checkpoint_format = checkpoint.format if checkpoint else None
-    del checkpoint
-    with claim(opts.output or Path(spec.architecture.name), opts.force, inputs) as output:
-        preprocessing, recorded_cases = check_model_fits(opts, spec, recorded)
-        plan = ExportPlan(opts, spec, graph, preprocessing, recorded_cases, checkpoint_format)
-        return build_and_publish(plan, state_dict, output, progress)
-
-
-def with_hub_config(opts: ExportOptions, hub: HubFolder | None) -> ExportOptions:
-    """Preprocessing options left unset take what a timm folder's config.json records (mean,
-    std, crop_pct, interpolation, crop_mode)."""
-    config = hub.config if hub else None
-    if config is None:
-        return opts
-    recorded = config.pretrained_cfg.preprocessing()
-    unset = {name: value for name, value in recorded.items() if getattr(opts, name) is None}
-    return replace(opts, **unset)
-
-
-def with_hub_labels(opts: ExportOptions, hub: HubFolder | None, classes: int) -> ExportOptions:
-    """Without --labels, a timm folder's class names, when they name the model's classes."""
-    labels = hub.config.labels if hub and hub.config else None
-    if opts.labels is not None or labels is None or len(labels) != classes:
-        return opts
-    return replace(opts, labels=list(labels))
-
-
-def hub_architecture(hub: HubFolder | None) -> TimmSpec | None:
-    """The timm architecture a folder's config.json names (None without one)."""
-    if hub is None or hub.config is None:
-        return None
-    name = hub.config.architecture
-    if name not in TIMM_VARIANTS:
-        raise InputError(
-            f"{hub.path / 'config.json'} names architecture {name!r}, which is not one of timm's "
-            f"CoAtNet family ({', '.join(TIMM_VARIANTS)})"
-        )
-    return TIMM_VARIANTS[name]
-
-
-def with_architecture_defaults(
-    opts: ExportOptions, architecture: VariantSpec | TimmSpec
-) -> ExportOptions:
-    """Preprocessing options still unset take the published weights' (timm's pretrained_cfg
-    defaults in the architecture table), so that a bare timm file needs no --mean/--std."""
-    if not isinstance(architecture, TimmSpec):
-        return opts
-    defaults = asdict(architecture.preprocessing)
-    unset = {name: value for name, value in defaults.items() if getattr(opts, name) is None}
-    return replace(opts, **unset)
+    check_request(opts, inputs)
+    here = opts.in_process if opts.in_process is not None else "torch" in sys.modules
+    with run_in_child(EXPORT_STEPS, (opts,), progress, in_process=here) as half:
+        output: Path = half.next()
+        with (
+            claim(output, opts.force, inputs) as output,
+            staging(output) as stage,
+            writing(output),
+        ):
+            built: BuiltModel = half.next(stage)
+            half.close()  # PyTorch's process has exited: its memory is back
+            return validate_and_publish(built, stage, output, progress)
 
 
 def input_paths(opts: ExportOptions) -> list[Path]:
@@ -267,198 +184,45 @@ def input_paths(opts: ExportOptions) -> list[Path]:
     return [path for path in named if path is not None]
 
 
-def check_request(
-    opts: ExportOptions, inputs: list[Path]
-) -> tuple[GraphChoice, tuple[np.ndarray, np.ndarray] | None]:
-    """What can be checked before the model is known: outputs, numbers, the graph's opset and
-    attention (resolved here, once), recorded outputs."""
+def check_request(opts: ExportOptions, inputs: list[Path]) -> None:
+    """What can be checked without the model (the rest: the PyTorch half's plan)."""
     if opts.output is not None:
         check_destination(opts.output, opts.force, inputs)
     if opts.report is not None:
         outputs = [("--output", opts.output)] if opts.output is not None else []
         check_side_file(opts.report, "--report", inputs, outputs)
-    preprocessing_for(opts, (32, 32))
-    graph = choose_graph(opts.exporter, opts.opset, opts.attention)
     if opts.validate and nothing_to_validate(
         opts.samples, opts.batch, opts.large_batch, opts.images, opts.reference_outputs is not None
     ):
         raise InputError(NOTHING_TO_VALIDATE)
-    if opts.reference_outputs is not None and opts.validate:
-        return graph, read_recorded(opts.reference_outputs)
-    return graph, None
 
 
-def preprocessing_for(opts: ExportOptions, size: tuple[int, int]) -> Preprocessing:
-    """The options' preprocessing at ``size``; Preprocessing's defaults for unset fields."""
-    chosen: dict[str, Any] = {
-        name: tuple(value) if isinstance(value, (list, tuple)) else value
-        for name in PREPROCESSING_OPTIONS
-        if (value := getattr(opts, name)) is not None
-    }
-    try:
-        return Preprocessing(size, **chosen)
-    except ValueError as exc:
-        raise InputError(f"{exc} (check --mean, --std, --crop-pct and --crop-mode)") from None
-
-
-def check_model_fits(
-    opts: ExportOptions, spec: ModelSpec, recorded: tuple[np.ndarray, np.ndarray] | None
-) -> tuple[Preprocessing, list[Case]]:
-    """Checks that need the model: channels, labels, recorded shapes, memory."""
-    preprocessing = preprocessing_for(opts, spec.img_size)
-    if preprocessing.channels != spec.in_channels:
-        raise InputError(
-            f"--mean/--std give {preprocessing.channels} channel(s) but the model "
-            f"takes {spec.in_channels}"
-        )
-    if opts.labels is not None and len(opts.labels) != spec.num_classes:
-        raise InputError(
-            f"the labels file has {len(opts.labels)} labels but the model has "
-            f"{spec.num_classes} classes"
-        )
-    cases = []
-    if recorded is not None and opts.reference_outputs is not None:
-        cases.append(
-            recorded_case(
-                opts.reference_outputs,
-                recorded,
-                spec.in_channels,
-                spec.img_size,
-                spec.num_classes,
-                opts.batch,
-            )
-        )
-    largest = max([opts.batch or max(opts.large_batch, 2), *(len(c.inputs) for c in cases)])
-    held = opts.samples * (opts.batch or 1) + (opts.large_batch if opts.batch is None else 0)
-    check_memory(spec, largest, held + sum(len(c.inputs) for c in cases) if opts.validate else 0)
-    return preprocessing, cases
-
-
-def build_and_publish(
-    plan: ExportPlan, state_dict: StateDict | None, output: Path, progress: Progress
+def validate_and_publish(
+    built: BuiltModel, stage: Path, output: Path, progress: Progress
 ) -> ExportOutcome:
-    """The heavy part: reference, reference outputs, transforms, export, check, validate,
-    publish (or reject)."""
-    opts = plan.options
-    progress.expect(6 if opts.validate else 4)
-    clock = time.perf_counter()
-    reference, sha256 = build_reference(plan, state_dict, progress)
-    del state_dict
-    cases, skipped = reference_cases(plan, reference, progress)
-    metadata = export_metadata(plan, reference, sha256)
-    bias_bytes, folded = transform(reference, metadata, progress)
-    warnings = reference.warnings + reference_warnings(metadata, skipped)
-    with staging(output) as stage, writing(output):
-        model_path = stage / MODEL_FILE
-        write_onnx(reference, model_path, plan.graph, opts.batch, progress)
-        del reference
-        release_exporter_memory()
-        with progress.step("packaging and checking the ONNX model"):
-            graph = package_model(model_path, metadata, opts.external_data_threshold)
-        timings = {"export_s": round(time.perf_counter() - clock, 2)}
-        results = validate_model(model_path, cases, opts, progress)
-        timings["total_s"] = round(time.perf_counter() - clock, 2)
-        outcome = ExportOutcome(
-            stage,
-            metadata,
-            graph,
-            results,
-            all(r.passed for r in results),
-            bias_bytes,
-            folded,
-            timings,
-            warnings,
-            skipped,
-        )
-        write_json(stage / MANIFEST_FILE, outcome.manifest())
-        write_json(stage / VALIDATION_FILE, outcome.validation_report())
-        destination = output if outcome.passed else rejected_path(output)
-        publish_with_report(stage, destination, opts.report, outcome.validation_report())
-        outcome.directory = destination
-    return outcome
-
-
-def build_reference(
-    plan: ExportPlan, state_dict: StateDict | None, progress: Progress
-) -> tuple[ReferenceModel, str]:
-    """The PyTorch reference with its weights, and their SHA-256."""
-    spec, opts = plan.spec, plan.options
-    with progress.step(
-        f"building {spec.architecture.name} at {spec.img_size[0]}x{spec.img_size[1]}"
-    ):
-        reference = load_reference(spec, state_dict, str(opts.checkpoint), opts.seed)
-        sha256 = weights_sha256(reference.model)
-    progress.note(f"weights: {reference.weights}")
-    for warning in reference.warnings:
-        progress.note(f"warning: {warning}")
-    return reference, sha256
-
-
-def reference_cases(
-    plan: ExportPlan, reference: ReferenceModel, progress: Progress
-) -> tuple[list[Case], list[str]]:
-    """The validation cases with the reference's outputs, and the images skipped (none
-    without validation)."""
-    opts, spec = plan.options, plan.spec
-    if not opts.validate:
-        return [], []
-    with progress.step("computing PyTorch reference outputs"):
-        cases, skipped = build_cases(
-            spec.in_channels,
-            spec.img_size,
-            opts.seed,
-            opts.samples,
-            opts.batch,
-            opts.large_batch,
-            opts.images,
-            plan.preprocessing,
-        )
-        cases += plan.recorded_cases
-        add_reference_outputs(reference.model, cases)
-    return cases, skipped
-
-
-def transform(
-    reference: ReferenceModel, metadata: ExportMetadata, progress: Progress
-) -> tuple[int, int]:
-    """Bake the biases, fold BatchNorm and the attention scales; the bytes the biases add and
-    the BatchNorms folded."""
-    with progress.step("baking relative biases, folding BatchNorm and attention scales"):
-        bias_bytes = bake_relative_biases(reference.model)
-        folded = fold_batchnorms(reference.model)
-        scales = fold_attention_scales(reference.model)
-        transpose_token_linears(reference.model)  # after the scales: it moves the weights
-        if metadata.attention == "fused":
-            use_onnx_attention(reference.model)
-    progress.note(
-        f"baked biases add {bias_bytes / 2**20:.1f} MiB; folded {folded} BatchNorms and "
-        f"{scales} attention scales"
+    """Validate the staged model, write its manifest and report, publish it (or reject it)."""
+    opts = built.options
+    start = time.perf_counter()
+    results = validate_model(stage / MODEL_FILE, built.cases, opts, progress)
+    validate_s = round(time.perf_counter() - start, 2)
+    outcome = ExportOutcome(
+        stage,
+        built.metadata,
+        built.graph,
+        results,
+        all(r.passed for r in results),
+        built.baked_bias_bytes,
+        built.folded_batchnorms,
+        {"export_s": built.export_s, "total_s": round(built.export_s + validate_s, 2)},
+        built.warnings,
+        built.skipped_images,
     )
-    return bias_bytes, folded
-
-
-def write_onnx(
-    reference: ReferenceModel,
-    path: Path,
-    graph: GraphChoice,
-    batch: int | None,
-    progress: Progress,
-) -> None:
-    """Export the transformed reference to ``path``, its weights beside it."""
-    with progress.step(
-        f"exporting with the {graph.exporter} exporter (opset {graph.opset}, "
-        f"{graph.attention} attention)"
-    ):
-        export_onnx(
-            reference.model,
-            path,
-            graph.exporter,
-            graph.opset,
-            batch,
-            # always beside the graph: dynamo then streams the weights to disk instead of
-            # building a protobuf copy; packaging brings small models back into one file
-            external_data=True,
-        )
+    write_json(stage / MANIFEST_FILE, outcome.manifest())
+    write_json(stage / VALIDATION_FILE, outcome.validation_report())
+    destination = output if outcome.passed else rejected_path(output)
+    publish_with_report(stage, destination, opts.report, outcome.validation_report())
+    outcome.directory = destination
+    return outcome
 
 
 def validate_model(
@@ -487,44 +251,6 @@ def publish_with_report(stage: Path, destination: Path, report: Path | None, pay
         publish(stage, destination)
 
 
-def export_metadata(plan: ExportPlan, reference: ReferenceModel, sha256: str) -> ExportMetadata:
-    """What the exported model records about itself."""
-    opts, spec, preprocessing = plan.options, plan.spec, plan.preprocessing
-    return ExportMetadata(
-        variant=spec.architecture.name,
-        architecture=spec.architecture.as_dict(),
-        img_size=list(spec.img_size),
-        in_channels=spec.in_channels,
-        num_classes=spec.num_classes,
-        mean=list(preprocessing.mean),
-        std=list(preprocessing.std),
-        crop_pct=preprocessing.crop_pct,
-        interpolation=preprocessing.interpolation,
-        resize=RESIZE_DESCRIPTIONS[preprocessing.crop_mode],
-        crop_mode=preprocessing.crop_mode,
-        exporter=plan.graph.exporter,
-        opset=plan.graph.opset,
-        batch="dynamic" if opts.batch is None else str(opts.batch),
-        weights=reference.weights,
-        seed=None if opts.checkpoint else opts.seed,
-        checkpoint_format=plan.checkpoint_format,
-        weights_sha256=sha256,
-        numerics=spec.numerics.as_dict(),
-        versions=versions(),
-        labels=opts.labels,
-        attention=plan.graph.attention,
-    )
-
-
 def rejected_path(output: Path) -> Path:
     """Where a model that failed validation is kept for inspection."""
     return output.with_name(output.name + ".rejected")
-
-
-def reference_warnings(metadata: ExportMetadata, skipped: list[str]) -> list[str]:
-    warnings = []
-    if metadata.weights.startswith("seeded"):
-        warnings.append("exported seeded random weights, not a trained model (pass --checkpoint)")
-    if skipped:
-        warnings.append(f"skipped {len(skipped)} unreadable image(s)")
-    return warnings

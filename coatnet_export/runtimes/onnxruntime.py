@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,9 @@ import onnxruntime as ort
 from coatnet_export.errors import InputError
 from coatnet_export.runtimes import RunOptions
 
+M_MMAP_THRESHOLD = -3
+"""glibc's ``mallopt`` parameter: the size from which a block gets its own mapping."""
+
 
 def make_session(
     path: Path, threads: int | None = None, low_memory: bool = False, unfused: bool = False
@@ -17,7 +23,8 @@ def make_session(
     """A CPU session with every graph optimisation enabled (none when ``unfused``), worker
     threads spinning between operators as onnxruntime ships them.
 
-    ``low_memory`` skips weight pre-packing and the arena, so the weights are held once.
+    ``low_memory`` skips weight pre-packing and the arena, so the weights are held once, and
+    hands activations back to the OS as they are freed (:func:`unmap_freed_activations`).
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = (
@@ -31,6 +38,7 @@ def make_session(
     if low_memory:
         options.add_session_config_entry("session.disable_prepacking", "1")
         options.enable_cpu_mem_arena = False
+        unmap_freed_activations()
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
@@ -39,6 +47,16 @@ def make_session(
             f"onnxruntime cannot load {path}: {reason} (is the model file, and its .data file "
             "beside it, complete?)"
         ) from None
+
+
+def unmap_freed_activations() -> None:
+    """Linux, glibc: blocks of 1 MiB and more (activations, without the arena) get their own
+    mapping, unmapped when freed. glibc would otherwise raise this threshold to the largest
+    block freed and keep later activations in its heap (0.14 GiB more peak for
+    coatnet_rmlp_2_rw_384 at batch 4). It applies to the whole process, from here on."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 2**20)
 
 
 class OrtModel:
