@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import asdict, dataclass
@@ -140,22 +142,67 @@ class ProcessRun:
 
     wall_s: float
     peak_rss_bytes: int
+    """The largest sum of resident memory over the process and its descendants at one time
+    (an export runs its PyTorch half in a child), at least the largest single process's."""
     returncode: int
     output: str
 
 
 def run_measured(argv: list[str], env: dict[str, str] | None = None) -> ProcessRun:
-    """Run a command and measure its wall time and peak RSS (from the kernel's rusage)."""
+    """Run a command; its wall time and the peak memory of its process tree: the summed RSS
+    sampled every 10 ms, and the kernel's peak of each process (rusage) as a floor."""
     start = time.perf_counter()
     with subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
     ) as process:
+        sampler = TreeMemory(process.pid)
+        sampler.start()
         output = process.stdout.read() if process.stdout else ""
         _, status, usage = os.wait4(process.pid, 0)
+        sampler.stop()
         process.returncode = os.waitstatus_to_exitcode(status)
-    return ProcessRun(
-        time.perf_counter() - start, usage.ru_maxrss * 1024, process.returncode, output
-    )
+    peak = max(usage.ru_maxrss * 1024, sampler.peak_bytes)
+    return ProcessRun(time.perf_counter() - start, peak, process.returncode, output)
+
+
+class TreeMemory(threading.Thread):
+    """Samples the summed VmRSS of a process and its descendants (Linux /proc)."""
+
+    def __init__(self, pid: int, every_s: float = 0.01) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.every_s = pid, every_s
+        self.peak_bytes = 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.every_s):
+            self.peak_bytes = max(self.peak_bytes, sum(map(rss_bytes, process_tree(self.pid))))
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (none of them if it has ended)."""
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as children:
+                    todo += [int(child) for child in children.read().split()]
+    return tree
+
+
+def rss_bytes(pid: int) -> int:
+    """A process's resident memory now (0 once it has ended)."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 @dataclass

@@ -8,21 +8,22 @@ builds it with timm's initialisation and writes a hub folder with timm's logits 
 images; ``coatnet-export --checkpoint <folder> --reference-outputs io.npz`` then exports it
 (architecture and preprocessing from config.json) and validates the ONNX model against those
 logits in onnxruntime. The row records the parameters, the recorded case's max |error| relative
-to max |logit|, whether top-1 agrees, the export's wall time and peak memory (``/usr/bin/time``)
-and the bound the issue sets (1.5 x the fp32 weights + 1 GiB). Folders are deleted after each
-architecture, so one full-size model is on disk at a time.
+to max |logit|, whether top-1 agrees, the export's wall time and peak memory (its process
+tree's: the export runs PyTorch in a child) and the bound the issue sets (1.5 x the fp32
+weights + 1 GiB). Folders are deleted after each architecture, so one full-size model is on
+disk at a time.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+from coatnet_export.bench import run_measured
 from coatnet_export.console import render_table
 from coatnet_export.metadata import write_json
 from models import TIMM_VARIANTS, variant_cost
@@ -58,18 +59,12 @@ def run_arch(arch: str, timm_python: str, work: Path) -> dict:
         env=env,
         stderr=subprocess.DEVNULL,
     )
-    command = ["/usr/bin/time", "-v", sys.executable, "-m", "coatnet_export"]
+    command = [sys.executable, "-m", "coatnet_export"]
     command += ["--checkpoint", str(folder), "--output", str(out), "--samples", "1"]
     command += ["--reference-outputs", str(folder / "io.npz"), "--quiet"]
-    run = subprocess.run(command, capture_output=True, text=True, env=env)
+    run = run_measured(command, env=env)
     if run.returncode != 0:
-        raise SystemExit(f"{arch}: export failed\n{run.stderr[-3000:]}")
-    peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr)
-    wall = re.search(r"Elapsed \(wall clock\) time .*: (?:(\d+):)?(\d+):([\d.]+)", run.stderr)
-    if peak is None or wall is None:
-        raise SystemExit(f"{arch}: /usr/bin/time -v printed no peak or wall time")
-    peak_kib = int(peak[1])
-    seconds = int(wall[1] or 0) * 3600 + int(wall[2]) * 60 + float(wall[3])
+        raise SystemExit(f"{arch}: export failed\n{run.output[-3000:]}")
     report = json.loads((out / "validation.json").read_text())
     recorded = next(r for r in report["results"] if r["case"].startswith("recorded"))
     parameters = variant_cost(TIMM_VARIANTS[arch], TIMM_VARIANTS[arch].img_size).parameters
@@ -82,8 +77,8 @@ def run_arch(arch: str, timm_python: str, work: Path) -> dict:
         "parameters": parameters,
         "max_rel": recorded["max_rel"],
         "top1_same": recorded["top1"] == 1.0,
-        "export_s": round(seconds, 1),
-        "peak_gib": round(peak_kib * 1024 / 2**30, 2),
+        "export_s": round(run.wall_s, 1),
+        "peak_gib": round(run.peak_rss_bytes / 2**30, 2),
         "bound_gib": round((1.5 * weights + 2**30) / 2**30, 2),
         "file_ratio": round(files / weights, 3),
     }

@@ -167,3 +167,24 @@ def test_the_export_command_validates_in_a_process_without_pytorch(tmp_path: Pat
     steps = [line.split("]")[0] + "]" for line in done.stderr.splitlines() if line.startswith("[")]
     assert steps == [f"[{k}/6]" for k in range(1, 7)], done.stderr
     assert (out / "model.onnx").is_file() and (out / "manifest.json").is_file()
+
+
+TWO_PROCESSES = """
+import subprocess, sys, time
+hold = bytearray(150 * 2**20)  # touched: resident
+child = subprocess.Popen([sys.executable, "-c",
+    "import time; hold = bytearray(250 * 2**20); print('ready', flush=True); time.sleep(1)"],
+    stdout=subprocess.PIPE)
+child.stdout.readline()
+child.wait()
+"""
+
+
+def test_run_measured_sums_the_memory_of_a_process_and_its_children():
+    """Benchmarks measure an export's peak as its process tree's: 150 MiB here while 250 MiB
+    lives in a child is at least 400 MiB, where the largest process alone holds 250."""
+    from coatnet_export.bench import run_measured
+
+    run = run_measured([sys.executable, "-c", TWO_PROCESSES])
+    assert run.returncode == 0, run.output
+    assert run.peak_rss_bytes >= 400 * 2**20, run.peak_rss_bytes / 2**20
