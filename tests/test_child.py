@@ -3,6 +3,7 @@ and an export's parent that never imports PyTorch."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -188,3 +189,24 @@ def test_run_measured_sums_the_memory_of_a_process_and_its_children():
     run = run_measured([sys.executable, "-c", TWO_PROCESSES])
     assert run.returncode == 0, run.output
     assert run.peak_rss_bytes >= 400 * 2**20, run.peak_rss_bytes / 2**20
+
+
+def decide_here(queue) -> None:
+    from coatnet_export.export.pipeline import pytorch_in_process
+
+    queue.put((pytorch_in_process(None), "torch" in sys.modules))
+
+
+def test_the_pytorch_half_runs_here_when_a_child_would_not_help_or_cannot_start():
+    from coatnet_export.export.pipeline import pytorch_in_process
+
+    assert pytorch_in_process(True) and not pytorch_in_process(False)  # as asked
+    import torch  # noqa: F401 (as most test modules have)
+
+    assert pytorch_in_process(None)  # torch is here already: a child would import it again
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    worker = context.Process(target=decide_here, args=(queue,), daemon=True)
+    worker.start()
+    assert queue.get(timeout=120) == (True, False)  # daemonic: may not start a child
+    worker.join()

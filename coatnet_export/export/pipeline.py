@@ -12,6 +12,7 @@ behind (about 0.5 GiB).
 
 from __future__ import annotations
 
+import multiprocessing
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -93,7 +94,8 @@ class ExportOptions:
     in_process: bool | None = None
     """Run the PyTorch half here (True: debuggers, profilers) or in a child process (False);
     None: in a child unless this process has imported PyTorch already (it then holds PyTorch's
-    memory anyway, and a child would import it a second time)."""
+    memory anyway, and a child would import it a second time) or is a daemonic worker (which
+    cannot start one)."""
 
 
 @dataclass
@@ -165,7 +167,7 @@ def run_export(opts: ExportOptions, progress: Progress) -> ExportOutcome:
     """
     inputs = input_paths(opts)
     check_request(opts, inputs)
-    here = opts.in_process if opts.in_process is not None else "torch" in sys.modules
+    here = pytorch_in_process(opts.in_process)
     with run_in_child(EXPORT_STEPS, (opts,), progress, in_process=here) as half:
         output: Path = half.next()
         with (
@@ -176,6 +178,14 @@ def run_export(opts: ExportOptions, progress: Progress) -> ExportOutcome:
             built: BuiltModel = half.next(stage)
             half.close()  # PyTorch's process has exited: its memory is back
             return validate_and_publish(built, stage, output, progress)
+
+
+def pytorch_in_process(asked: bool | None) -> bool:
+    """Whether the PyTorch half runs here: as asked, else when a child would not help (this
+    process has imported torch already) or cannot be started (a daemonic worker process)."""
+    if asked is not None:
+        return asked
+    return "torch" in sys.modules or multiprocessing.current_process().daemon
 
 
 def input_paths(opts: ExportOptions) -> list[Path]:
