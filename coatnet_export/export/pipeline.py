@@ -175,8 +175,10 @@ def run_export(opts: ExportOptions, progress: Progress) -> ExportOutcome:
             staging(output) as stage,
             writing(output),
         ):
-            built: BuiltModel = half.next(stage)
-            half.close()  # PyTorch's process has exited: its memory is back
+            try:
+                built: BuiltModel = half.next(stage)
+            finally:  # the child has exited (memory back), or been stopped before clean-up
+                half.close()
             return validate_and_publish(built, stage, output, progress)
 
 
