@@ -174,3 +174,43 @@ def test_emulation_check_on_the_digits_fixture(tmp_path: Path) -> None:
     vnni = rows["x86-avx2", "int8 for x86-vnni"]
     assert vnni["result"] == "not judged" and vnni["max_dp_vs_gate"] > 1e-3
     assert np.isclose(rows["x86-avx2", "fp32"]["max_dp_vs_fp32"], 0, atol=1e-5)
+
+
+SATURATION_PROBE = """
+import json, numpy as np, onnx, onnxruntime as ort
+from onnx import TensorProto, helper
+from coatnet_export.quantize.presets import read_cpu
+graph = helper.make_graph(
+    [helper.make_node("MatMulInteger", ["a", "b"], ["c"])], "probe",
+    [helper.make_tensor_value_info("a", TensorProto.UINT8, [1, 64])],
+    [helper.make_tensor_value_info("c", TensorProto.INT32, [1, 16])],
+    [onnx.numpy_helper.from_array(np.full((64, 16), 127, np.int8), "b")])
+model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+c = session.run(None, {"a": np.full((1, 64), 255, np.uint8)})[0]
+print(json.dumps({"int8": read_cpu()["int8"], "c": int(c[0, 0])}))
+"""
+
+
+def test_hiding_avx512_gives_native_avx2_kernels(tmp_path: Path) -> None:
+    """scripts/hide_avx512.c, which times the AVX2 class natively on an AVX-512 machine: under
+    it the toolkit sees the x86-avx2 class and onnxruntime runs its AVX2 u8 x s8 kernel, whose
+    pairwise int16 sums saturate (255 * 127 * 2 > 32767), where VNNI sums exactly."""
+    if presets.read_cpu()["arch"] != "x86_64" or shutil.which("gcc") is None:
+        pytest.skip("needs an x86_64 machine with gcc")
+    if "cpuid_fault" not in Path("/proc/cpuinfo").read_text():
+        pytest.skip("this CPU or hypervisor has no CPUID faulting")
+    library = tmp_path / "hide_avx512.so"
+    source = REPO / "scripts" / "hide_avx512.c"
+    subprocess.run(["gcc", "-O2", "-shared", "-fPIC", "-o", library, source], check=True)
+    probe = [sys.executable, "-c", SATURATION_PROBE]
+    hidden_env = {**os.environ, "LD_PRELOAD": str(library)}
+    hidden = json.loads(
+        subprocess.run(probe, env=hidden_env, capture_output=True, text=True, check=True).stdout
+    )
+    native = json.loads(subprocess.run(probe, capture_output=True, text=True, check=True).stdout)
+    exact = 255 * 127 * 64
+    assert hidden["int8"] == ["avx2"]
+    assert hidden["c"] < exact  # saturated pairs: the AVX2 kernel
+    here = presets.preset_for(presets.read_cpu())
+    assert (native["c"] == exact) is (not here.saturates), native
