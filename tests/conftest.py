@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,23 @@ def export_tiny(folder: Path, **overrides) -> Path:
     }
     run_export(ExportOptions(**options), Progress(enabled=False))
     return folder
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def all_gone(pids: list[int], within_s: float = 10) -> bool:
+    """Every process in ``pids`` has ended, or does within ``within_s`` (a busy machine)."""
+    deadline = time.monotonic() + within_s
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not any(alive(pid) for pid in pids)
 
 
 def listing(root: Path) -> set[str]:

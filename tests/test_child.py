@@ -19,6 +19,8 @@ from coatnet_export.child import run_in_child
 from coatnet_export.console import Progress
 from coatnet_export.errors import InputError
 
+from conftest import all_gone
+
 HERE = __name__
 
 
@@ -50,15 +52,6 @@ class UnpicklableError(Exception):
     def __init__(self, callback) -> None:
         super().__init__("holds a lambda")
         self.callback = callback
-
-
-def alive(pid: int) -> bool:
-    """The process exists and is not a zombie."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 @pytest.mark.parametrize("in_process", [False, True])
@@ -112,7 +105,7 @@ def test_leaving_the_block_stops_a_busy_child():
     ):
         pid = steps.next()
         raise KeyError("the caller gave up")
-    assert not alive(pid)
+    assert pid is not None and all_gone([pid], within_s=0)
     assert time.monotonic() - start < 20
 
 
@@ -133,11 +126,7 @@ def test_the_child_dies_with_a_caller_killed_by_sigkill():
         [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == -signal.SIGKILL, done.stderr
-    pid = int(done.stdout.split()[0])
-    deadline = time.monotonic() + 10
-    while alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not alive(pid)
+    assert all_gone([int(done.stdout.split()[0])])
 
 
 TORCH_FREE_EXPORT = """

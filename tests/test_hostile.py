@@ -30,7 +30,7 @@ from coatnet_export.export.pipeline import ExportOptions, run_export
 from coatnet_export.output import clean_stale, lock
 from models import init_weights
 
-from conftest import TINY, CliResult, assert_clean_failure, listing
+from conftest import TINY, CliResult, all_gone, assert_clean_failure, listing
 
 SIZE = 64
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "infer.py"
@@ -668,23 +668,6 @@ def children(pid: int) -> list[int]:
         for task in Path(f"/proc/{pid}/task").iterdir()
         for child in (task / "children").read_text().split()
     ]
-
-
-def all_gone(pids: list[int], within_s: float = 10) -> bool:
-    """Every process in ``pids`` has ended, or does within ``within_s`` (a busy machine)."""
-    deadline = time.monotonic() + within_s
-    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return not any(alive(pid) for pid in pids)
-
-
-def alive(pid: int) -> bool:
-    """The process exists and is not a zombie."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
 
 
 def test_sigkill_then_rerun_cleans_stale_staging(tmp_path: Path, assets: Assets, run_cli) -> None:
