@@ -13,7 +13,9 @@
  * /proc/cpuinfo) makes every CPUID instruction of the process raise SIGSEGV; the handler runs
  * the real CPUID with faulting off for that moment, clears the bits and steps over it. The
  * setting passes to threads and children; LD_PRELOAD passes it through exec. A program that
- * later installs its own SIGSEGV handler (Python's faulthandler, pytest) dies at its next CPUID.
+ * later installs its own SIGSEGV handler (Python's faulthandler, pytest, node, Ray's servers,
+ * gcc) dies at its next CPUID, and under qemu-user (no CPUID faulting) the library refuses to
+ * start.
  */
 #define _GNU_SOURCE
 #include <cpuid.h>
