@@ -8,8 +8,9 @@
    `coatnet-export` subprocess), then `coatnet-export quantize` runs as a measured subprocess
    for each ``--images`` count of calibration images (crops of scikit-learn's sample
    photographs; 16 other crops are held out). The table: wall time and peak RSS of the
-   quantize command (the kernel's rusage), peak RSS over the fp32 weight bytes, int8 size over
-   fp32 size, the gate's metric and value, top-1 agreement, and the batch-1 speed-up.
+   quantize command (its process tree's, ``run_measured``), peak RSS over the fp32 weight
+   bytes, int8 size over fp32 size, the gate's metric and value, top-1 agreement, and the
+   batch-1 speed-up.
 2. Recipes (``--recipes``): for each quantization recipe (which ops become int8, which int8
    results stay float, whether attention is split), coatnet_0 int8 vs fp32 p50 latency at
    batch 1 and 8 in onnxruntime and, where it is installed, OpenVINO (fp32 and every recipe
