@@ -25,6 +25,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from coatnet_export.bench import process_tree
 from coatnet_export.console import Progress
 from coatnet_export.export.pipeline import ExportOptions, run_export
 from coatnet_export.output import clean_stale, lock
@@ -652,7 +653,7 @@ def test_signal_during_dynamo_export(tmp_path: Path, assets: Assets, signum: int
     process = start_export(assets, tmp_path / "out")
     seen = wait_for(process, "exporting with the dynamo exporter")
     time.sleep(1.0)  # inside dynamo's tracing
-    workers = children(process.pid)
+    workers = process_tree(process.pid)[1:]
     assert workers  # the PyTorch half's process (and multiprocessing's resource tracker)
     process.send_signal(signum)
     result = finish(process, seen)
@@ -662,18 +663,10 @@ def test_signal_during_dynamo_export(tmp_path: Path, assets: Assets, signum: int
     assert all_gone(workers)  # stopped with the command
 
 
-def children(pid: int) -> list[int]:
-    return [
-        int(child)
-        for task in Path(f"/proc/{pid}/task").iterdir()
-        for child in (task / "children").read_text().split()
-    ]
-
-
 def test_sigkill_then_rerun_cleans_stale_staging(tmp_path: Path, assets: Assets, run_cli) -> None:
     process = start_export(assets, tmp_path / "out")
     wait_for(process, "exporting with the dynamo exporter")
-    workers = children(process.pid)
+    workers = process_tree(process.pid)[1:]
     process.kill()
     process.wait()
     assert all_gone(workers)  # the kernel killed the PyTorch half too
