@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -247,7 +248,12 @@ def test_two_predict_processes_race_for_one_output(case) -> None:
         assert first.poll() is None, first.communicate()
         assert time.monotonic() < deadline, "the first run never locked its output"
         time.sleep(0.02)
-    second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    first.send_signal(signal.SIGSTOP)  # holds its lock while the second starts (a busy machine
+    try:  # could otherwise let it finish first)
+        assert first.poll() is None, "the first run ended before the second started"
+        second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        first.send_signal(signal.SIGCONT)
     won = first.communicate(timeout=120)
     assert first.returncode == 0, won[1].decode()
     assert second.returncode == 2, second.stderr
